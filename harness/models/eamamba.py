@@ -1,0 +1,307 @@
+"""EAMamba (Lin et al., ICCV 2025) and its ablation family, weight-compatible with the release.
+
+Read top to bottom: the multi-route selective scan (shared with MambaIR's SS2D), the MHSSM
+token mixer, the MambaFormer block, the restoration U-Net and the lightweight SR network.
+
+MHSSM generalises the paper's module along the axes its ablations vary:
+- ``directions``: any list of scan routes or a named set (harness.models.routes);
+- ``heads``: channel groups; head i reads route i mod k, so heads must be a multiple of the
+  number of routes k and divide d_inner (the release: heads = k = 8);
+- ``merge``: ``concat`` (multi-head: each route scans its own channel group, results are
+  concatenated) or ``add`` (2D-SS of VMamba/MambaIR: every route scans all channels with its
+  own projections and the k results are summed);
+- ``d_state``, ``d_conv``, ``expand``, ``conv_2d``, ``use_z`` (gate branch on/off).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.models.layers import ChannelLayerNorm, make_mixer
+from harness.models.routes import resolve_directions, route_indices
+from harness.models.unet import RestormerUNet
+from harness.ops import selective_scan
+
+MERGES = ("concat", "add")
+
+
+def multi_route_scan(
+    x: torch.Tensor,
+    head_routes: tuple[str, ...],
+    merge: str,
+    x_proj_weight: torch.Tensor,
+    dt_projs_weight: torch.Tensor,
+    dt_projs_bias: torch.Tensor,
+    A_logs: torch.Tensor,
+    Ds: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Selective scan of a (B, D, H, W) map along one route per head; returns (B, D, H·W).
+
+    concat: head g scans channels [g·D/K, (g+1)·D/K) along ``head_routes[g]``;
+    add: every head scans all D channels along its route, and the K outputs are summed.
+    Projection shapes: x_proj_weight (K, R + 2N, d), dt_projs_weight (K, d, R),
+    dt_projs_bias (K, d), A_logs (K·d, N), Ds (K·d), with d = D/K (concat) or D (add).
+    """
+    b, D, h, w = x.shape
+    L = h * w
+    K, _, d = x_proj_weight.shape
+    R = dt_projs_weight.shape[-1]
+    N = A_logs.shape[-1]
+    perm, inverse = route_indices(head_routes, h, w, x.device)  # (K, L) each
+    flat = x.reshape(b, D, L)
+    if merge == "concat":
+        heads_in = flat.view(b, K, d, L)
+    else:
+        heads_in = flat.unsqueeze(1).expand(b, K, D, L)
+    xs = heads_in.gather(-1, perm[None, :, None, :].expand(b, K, d, L))  # (B, K, d, L) in route order
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)  # (B, K, R + 2N, L)
+    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)  # (B, K, d, L)
+    ys = selective_scan(
+        xs.reshape(b, K * d, L),
+        dts.reshape(b, K * d, L),
+        -torch.exp(A_logs.float()),
+        Bs,  # (B, K, N, L): one B per head, shared by its d channels
+        Cs,
+        D=Ds.float(),
+        delta_bias=dt_projs_bias.reshape(-1).float(),
+        delta_softplus=True,
+        backend=backend,
+    ).view(b, K, d, L)
+    ys = ys.gather(-1, inverse[None, :, None, :].expand(b, K, d, L))  # back to raster order
+    if merge == "concat":
+        return ys.reshape(b, D, L)
+    return ys.sum(1)
+
+
+def init_ssm_parameters(
+    heads: int, d: int, dt_rank: int, d_state: int, dt_min: float = 1e-3, dt_max: float = 0.1,
+    dt_init_floor: float = 1e-4,
+) -> dict[str, torch.Tensor]:
+    """Mamba/VMamba initialisation of one multi-route scan's parameters (random, but standard)."""
+    x_proj = torch.empty(heads, dt_rank + 2 * d_state, d)
+    nn.init.uniform_(x_proj, -d ** -0.5, d ** -0.5)  # nn.Linear's default range, as released
+    dt_w = torch.empty(heads, d, dt_rank)
+    nn.init.uniform_(dt_w, -dt_rank ** -0.5, dt_rank ** -0.5)
+    # Bias = softplus⁻¹(dt) with dt log-uniform in [dt_min, dt_max]: steps start at sane scales.
+    dt = torch.exp(torch.rand(heads, d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    # A = -(1..N) per channel (S4D-real): a spread of decay rates from the start.
+    A_logs = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(heads * d, 1)
+    return {
+        "x_proj_weight": x_proj,
+        "dt_projs_weight": dt_w,
+        "dt_projs_bias": dt_bias,
+        "A_logs": A_logs,
+        "Ds": torch.ones(heads * d),
+    }
+
+
+class MHSSM(nn.Module):
+    """Multi-head selective scan module (the block's token mixer, keys ``mamba.*``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 3,
+        expand: float = 1,
+        dt_rank: int | str = "auto",
+        directions: str | Sequence[str] = "all_around",
+        heads: int | None = None,
+        merge: str = "concat",
+        conv_2d: bool = True,
+        use_z: bool = True,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        routes = resolve_directions(directions)
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; valid merges: {list(MERGES)}")
+        if int(d_state) < 1:
+            raise ValueError(f"d_state must be >= 1, got {d_state}")
+        if int(d_conv) < 1 or (conv_2d and int(d_conv) % 2 == 0):
+            raise ValueError(f"d_conv must be >= 1 (odd for conv_2d), got {d_conv}")
+        d_inner = int(expand * dim)
+        if d_inner < 1:
+            raise ValueError(f"expand * dim must be >= 1, got expand={expand}, dim={dim}")
+        k = len(routes)
+        heads = k if heads is None else int(heads)
+        if merge == "add":
+            if heads != k:
+                raise ValueError(f"merge='add' scans every route over all channels: heads must equal the "
+                                 f"number of routes ({k}), got {heads}")
+            d = d_inner
+        else:
+            if heads < 1 or heads % k:
+                raise ValueError(f"heads ({heads}) must be a positive multiple of the number of routes ({k})")
+            if d_inner % heads:
+                raise ValueError(f"heads ({heads}) must divide the inner channels d_inner={d_inner} "
+                                 f"(dim {dim} x expand {expand})")
+            d = d_inner // heads
+        self.d_inner, self.d_state, self.merge = d_inner, int(d_state), merge
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.routes = routes
+        self.head_routes = tuple(routes[i % k] for i in range(heads))
+        self.conv_2d, self.use_z, self.scan_backend = conv_2d, use_z, scan_backend
+
+        # Direct parameters first: their order is the release's state-dict order.
+        for name, value in init_ssm_parameters(heads, d, self.dt_rank, self.d_state).items():
+            self.register_parameter(name, nn.Parameter(value))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+        self.in_proj = nn.Linear(dim, d_inner * (2 if use_z else 1), bias=False)
+        if conv_2d:
+            self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        else:
+            self.conv = nn.Conv1d(d_inner, d_inner, d_conv, padding=d_conv - 1, groups=d_inner, bias=True)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        L = h * w
+        xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
+        if self.use_z:
+            xin, z = xz.chunk(2, dim=-1)
+        else:
+            xin, z = xz, None
+        xin = xin.permute(0, 3, 1, 2).contiguous()  # (B, d_inner, H, W)
+        if self.conv_2d:
+            xin = F.silu(self.conv(xin))
+        else:  # causal depthwise conv along the raster sequence
+            xin = F.silu(self.conv(xin.flatten(2))[..., :L]).view(b, self.d_inner, h, w)
+        y = multi_route_scan(
+            xin, self.head_routes, self.merge, self.x_proj_weight, self.dt_projs_weight,
+            self.dt_projs_bias, self.A_logs, self.Ds, self.scan_backend,
+        )  # (B, d_inner, L)
+        y = self.out_norm(y.transpose(1, 2))  # (B, L, d_inner)
+        if z is not None:
+            y = y * F.silu(z.reshape(b, L, self.d_inner))
+        return self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+
+
+class MambaFormerBlock(nn.Module):
+    """x + MHSSM(norm1(x)), then x + mixer(norm2(x)), on (B, C, H, W) maps."""
+
+    def __init__(self, dim: int, mixer: str = "simple", ffn_expansion_factor: float = 2.0, bias: bool = False,
+                 norm_type: str = "WithBias", **ssm_options):
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim, norm_type)
+        self.mamba = MHSSM(dim, **ssm_options)
+        self.norm2 = ChannelLayerNorm(dim, norm_type)
+        self.ffn = make_mixer(mixer, dim, ffn_expansion_factor, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mamba(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class EAMamba(RestormerUNet):
+    """The released restoration network: Restormer's U-Net with MambaFormer blocks."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        dim: int = 64,
+        num_blocks: Sequence[int] = (4, 6, 6, 7),
+        num_refinement_blocks: int = 2,
+        mixer: str = "simple",
+        ffn_expansion_factor: float = 2.0,
+        bias: bool = False,
+        norm_type: str = "WithBias",
+        dual_pixel_task: bool = False,
+        d_state: int = 16,
+        d_conv: int = 3,
+        expand: float = 1,
+        directions: str | Sequence[str] = "all_around",
+        heads: int | None = None,
+        merge: str = "concat",
+        conv_2d: bool = True,
+        use_z: bool = True,
+        scan_backend: str = "auto",
+    ):
+        ssm = dict(d_state=d_state, d_conv=d_conv, expand=expand, directions=directions, heads=heads,
+                   merge=merge, conv_2d=conv_2d, use_z=use_z, scan_backend=scan_backend)
+        super().__init__(
+            lambda channels, level: MambaFormerBlock(channels, mixer, ffn_expansion_factor, bias, norm_type, **ssm),
+            in_channels, out_channels, dim, num_blocks, num_refinement_blocks, bias, dual_pixel_task,
+        )
+
+
+class ResidualGroup(nn.Module):
+    """MambaFormer blocks followed by a 3×3 conv, with a residual around the group."""
+
+    def __init__(self, dim: int, depth: int, **block_options):
+        super().__init__()
+        self.blocks = nn.Sequential(*[MambaFormerBlock(dim, **block_options) for _ in range(depth)])
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(self.blocks(x))
+
+
+class EAMambaSR(nn.Module):
+    """Lightweight super-resolution network (released ``eamambasr``): LR (B,3,h,w) -> (B,3,s·h,s·w)."""
+
+    pad_multiple = 1
+
+    def __init__(
+        self,
+        upscale: int = 4,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        dim: int = 64,
+        depths: Sequence[int] = (4, 4, 4, 4),
+        mixer: str = "simple",
+        ffn_expansion_factor: float = 1.0,
+        bias: bool = False,
+        norm_type: str = "WithBias",
+        d_state: int = 10,
+        d_conv: int = 3,
+        expand: float = 1,
+        directions: str | Sequence[str] = "all_around",
+        heads: int | None = None,
+        merge: str = "concat",
+        conv_2d: bool = True,
+        use_z: bool = True,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        if upscale not in (2, 3, 4):
+            raise ValueError(f"EAMambaSR supports upscale 2, 3 or 4, got {upscale}")
+        if not depths or any(int(n) < 1 for n in depths):
+            raise ValueError(f"depths must be positive block counts, got {list(depths)}")
+        self.upscale = upscale
+        block = dict(mixer=mixer, ffn_expansion_factor=ffn_expansion_factor, bias=bias, norm_type=norm_type,
+                     d_state=d_state, d_conv=d_conv, expand=expand, directions=directions, heads=heads,
+                     merge=merge, conv_2d=conv_2d, use_z=use_z, scan_backend=scan_backend)
+        self.conv_first = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)
+        self.layers = nn.ModuleList([ResidualGroup(dim, int(n), **block) for n in depths])
+        self.norm = ChannelLayerNorm(dim, norm_type)
+        self.conv_after_body = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=True), nn.LeakyReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        for factor in ((2, 2) if upscale == 4 else (upscale,)):
+            stages += [nn.Conv2d(dim, dim * factor * factor, kernel_size=3, padding=1, bias=True),
+                       nn.PixelShuffle(factor)]
+        self.upsample = nn.Sequential(*stages)
+        self.conv_last = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.conv_first(x)  # (B, C, h, w)
+        body = feat
+        for layer in self.layers:
+            body = layer(body)
+        feat = self.conv_after_body(self.norm(body)) + feat  # long residual
+        return self.conv_last(self.upsample(self.conv_before_upsample(feat)))  # (B, 3, s·h, s·w)

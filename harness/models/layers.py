@@ -1,0 +1,169 @@
+"""Building blocks shared by EAMamba and the Restormer-layout baselines.
+
+Module and parameter names follow the released code (``body.weight``, ``project_in``, ...)
+so official checkpoints load strictly into every network assembled from these parts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _WithBiasNorm(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+class _BiasFreeNorm(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BiasFree still divides by the variance around the mean but does not subtract it.
+        var = x.var(-1, keepdim=True, unbiased=False)
+        return x / torch.sqrt(var + 1e-5) * self.weight
+
+
+class ChannelLayerNorm(nn.Module):
+    """Per-pixel LayerNorm over channels of a (B, C, H, W) map, Restormer's "LayerNorm".
+
+    Written with elementary ops (mean, var), as the releases do: FLOP counters in the papers'
+    convention then charge it nothing, unlike ``nn.LayerNorm``.
+    """
+
+    def __init__(self, channels: int, norm_type: str = "WithBias"):
+        super().__init__()
+        if norm_type not in ("WithBias", "BiasFree"):
+            raise ValueError(f"norm_type must be 'WithBias' or 'BiasFree', got {norm_type!r}")
+        self.body = _WithBiasNorm(channels) if norm_type == "WithBias" else _BiasFreeNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.body(x.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, HW, C)
+        return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3×3 convolution from image channels to the network width."""
+
+    def __init__(self, in_channels: int = 3, embed_dim: int = 48, bias: bool = False):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Halve resolution, double channels: conv C -> C/2, then PixelUnshuffle(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Double resolution, halve channels: conv C -> 2C, then PixelShuffle(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# --- channel mixers ------------------------------------------------------------------------
+
+class SimpleGateFFN(nn.Module):
+    """NAFNet's SimpleGate as a mixer: 1×1 to ``hidden``, multiply its halves, 1×1 back."""
+
+    def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):
+        super().__init__()
+        hidden = int(dim * expansion)
+        if hidden % 2:
+            raise ValueError(f"the simple mixer needs an even hidden width, got int({dim}*{expansion})={hidden}")
+        self.project_in = nn.Conv2d(dim, hidden, kernel_size=1, bias=bias)
+        self.project_out = nn.Conv2d(hidden // 2, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.project_in(x).chunk(2, dim=1)
+        return self.project_out(x1 * x2)
+
+
+class GDFN(nn.Module):
+    """Restormer's gated-Dconv feed-forward network."""
+
+    def __init__(self, dim: int, expansion: float = 2.66, bias: bool = False):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)
+
+
+class FFN(nn.Module):
+    """Plain point-wise MLP: 1×1, GELU, 1×1."""
+
+    def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = nn.Conv2d(dim, hidden, kernel_size=1, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project_out(F.gelu(self.project_in(x)))
+
+
+class CCA(nn.Module):
+    """Conv + channel-attention mixer: 1×1, depthwise 3×3, squeeze-excite gate, 1×1."""
+
+    def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):
+        super().__init__()
+        del expansion  # width-preserving by design; accepted so all mixers share a signature
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=bias)
+        self.ca = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(dim, dim, kernel_size=1, bias=bias),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, kernel_size=1, bias=bias),
+            nn.Sigmoid(),
+        )
+        self.conv3 = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x))
+        return self.conv3(x * self.ca(x))
+
+
+MIXERS = {"simple": SimpleGateFFN, "gdfn": GDFN, "ffn": FFN, "cca": CCA}
+
+
+def make_mixer(kind: str, dim: int, expansion: float, bias: bool) -> nn.Module:
+    """Build the channel mixer named ``kind``; errors list the valid names."""
+    cls = MIXERS.get(str(kind).lower())
+    if cls is None:
+        raise ValueError(f"unknown channel mixer {kind!r}; valid mixers: {sorted(MIXERS)}")
+    return cls(dim, expansion, bias)

@@ -1,0 +1,134 @@
+"""EAMamba family: exact parameter counts, official state-dict layout, backends, variants, errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness.models as hm
+from harness.ops import scan_backends, use_backend
+
+FIXTURES = Path(__file__).parent / "fixtures" / "state_dicts"
+
+OFFICIAL_PARAMS = {
+    "eamamba": 25_320_512, "eamamba_add4": 27_802_688, "eamamba_add8": 31_112_256,
+    "eamamba_gdfn": 34_450_496, "eamamba_ffn": 28_253_248, "eamamba_cca": 28_336_192,
+    "eamamba_sr_x2": 725_056, "eamamba_sr_x3": 909_696, "eamamba_sr_x4": 872_768,
+}
+EAMAMBA_PRESETS = [n for n in hm.available() if n.startswith("eamamba")]
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def read_listing(name):
+    lines = (FIXTURES / name).read_text().splitlines()[1:]
+    return [(key, shape) for key, shape, _ in (line.split("\t") for line in lines)]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_official_parameter_counts(name):
+    model = hm.create(name)
+    assert n_params(model) == OFFICIAL_PARAMS[name]
+    assert model.eabench_meta["official_params"] == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("d_state, count", [(8, 25_099_328), (32, 25_762_880)])
+def test_d_state_variants(d_state, count):
+    assert n_params(hm.create("eamamba", d_state=d_state)) == count
+
+
+@pytest.mark.parametrize("k", ["raster", "bidirectional", "cross"])
+def test_concat_parameter_count_is_independent_of_route_count_when_heads_fixed(k):
+    # k 4 / 2 / 1 with concatenation keep the released 8 heads' shapes: 25,320,512 parameters.
+    assert n_params(hm.create("eamamba", directions=k, heads=8)) == 25_320_512
+
+
+@pytest.mark.parametrize("preset, listing", [("eamamba", "eamamba.txt"), ("eamamba_sr_x4", "eamambasr_x4.txt")])
+def test_state_dict_matches_official_listing(preset, listing):
+    ours = [(k, str(list(v.shape))) for k, v in hm.create(preset).state_dict().items()]
+    assert ours == read_listing(listing)
+
+
+def test_every_backend_gives_the_same_model_output():
+    model = hm.create("eamamba").eval()
+    x = torch.rand(1, 3, 16, 16)
+    outputs = {}
+    with torch.no_grad():
+        for backend in [b for b in scan_backends() if b != "mamba_ssm"]:
+            with use_backend(backend):
+                outputs[backend] = model(x)
+    ref = outputs.pop("reference")
+    for backend, out in outputs.items():
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-5, (backend, rel)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(directions="all_around", heads=16),
+    dict(directions="cross", merge="add"),
+    dict(directions=["hilbert", "hilbert_rev", "zigzag", "zorder_release"], heads=4),
+    dict(directions="raster", heads=1),
+    dict(mixer="gdfn"), dict(mixer="ffn"), dict(mixer="cca"),
+    dict(expand=2, d_state=4), dict(conv_2d=False), dict(use_z=False),
+])
+def test_variants_forward_backward(overrides):
+    model = hm.create("eamamba_tiny", **overrides)
+    x = torch.rand(2, 3, 16, 24)
+    out = model(x)
+    assert out.shape == x.shape
+    out.abs().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.encoder_level1[0].mamba.A_logs.grad is not None
+
+
+def test_sr_shapes():
+    for scale in (2, 3, 4):
+        model = hm.create("eamamba_sr_x%d" % scale, dim=16, depths=[1])
+        assert model(torch.rand(1, 3, 10, 7)).shape == (1, 3, 10 * scale, 7 * scale)
+
+
+def test_concat_heads_read_their_own_routes():
+    # With two routes and concat, channel group 0 must be unaffected by what route 1 sees:
+    # swapping route 1 for another leaves group 0's scan output unchanged.
+    from harness.models.eamamba import MHSSM, multi_route_scan
+    m = MHSSM(16, directions=["h", "v"], d_state=4)
+    x = torch.randn(1, 16, 5, 6)
+    args = (m.x_proj_weight, m.dt_projs_weight, m.dt_projs_bias, m.A_logs, m.Ds, "torch")
+    a = multi_route_scan(x, ("h", "v"), "concat", *args)
+    b = multi_route_scan(x, ("h", "diag"), "concat", *args)
+    assert torch.equal(a[:, :8], b[:, :8]) and not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(directions=["h", "spiral"]), "unknown scan route 'spiral'"),
+    (dict(directions="all_around", heads=12), r"heads \(12\) must be a positive multiple of the number of routes \(8\)"),
+    (dict(directions="all_around", heads=24), r"heads \(24\) must divide the inner channels"),
+    (dict(merge="mean"), "unknown merge 'mean'"),
+    (dict(mixer="mlp"), "unknown channel mixer 'mlp'"),
+    (dict(d_state=0), "d_state must be >= 1"),
+    (dict(merge="add", heads=16), "heads must equal the number of routes"),
+    (dict(num_blocks=[1, 1, 1]), "num_blocks must be 4"),
+    (dict(widht=3), "has no option 'widht'"),
+])
+def test_bad_configuration_names_the_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        hm.create("eamamba_tiny", **overrides)
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ValueError, match=r"unknown model preset 'eamamba_huge'.*eamamba_tiny"):
+        hm.create("eamamba_huge")
+
+
+def test_input_not_multiple_of_eight_is_a_clear_error():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        hm.create("eamamba_tiny")(torch.rand(1, 3, 20, 16))
+
+
+@pytest.mark.parametrize("name", EAMAMBA_PRESETS)
+def test_preset_meta_is_queryable(name):
+    meta = hm.preset_meta(name)
+    assert meta["family"].startswith("eamamba") and meta["input_range"] == [0, 1]
+    assert meta["pad_multiple"] in (1, 8) and meta["scale"] in (1, 2, 3, 4)
