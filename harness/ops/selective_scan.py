@@ -81,11 +81,18 @@ def _cpp_module():
     return scan_cpp
 
 
+def _cpp_available() -> bool:
+    try:
+        return _cpp_module().is_available()
+    except ImportError:
+        return False
+
+
 register_backend(ScanBackend(
     "cpp",
     lambda *a: _cpp_module().forward(*a),
     lambda *a: _cpp_module().backward(*a),
-    lambda: _cpp_module().is_available(),
+    _cpp_available,
     lambda device: device.type == "cpu",
 ))
 
