@@ -108,12 +108,23 @@ register_backend(ScanBackend(
     lambda: _MAMBA_SSM_AVAILABLE, lambda device: device.type == "cuda",
 ))
 
+def _shape_only_backward(*args):
+    raise RuntimeError("the shape_only scan backend is for FLOP counting; it has no gradient")
+
+
+# Returns zeros of the right shape without scanning: FLOP counters trace the model with it,
+# so counting at 4K does not run the recurrence (its cost comes from the formula instead).
+register_backend(ScanBackend(
+    "shape_only", lambda u, *rest: torch.zeros_like(u), _shape_only_backward,
+    lambda: True, lambda device: True,
+))
+
 _state = threading.local()
 
 
 def scan_backends() -> list[str]:
     """Names of the backends usable on this machine (the cpp backend may compile here)."""
-    return [name for name, b in _BACKENDS.items() if b.is_available()]
+    return [name for name, b in _BACKENDS.items() if b.is_available() and name != "shape_only"]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Benchmark scripts: they print measured figures (never asserted in tests)."""
