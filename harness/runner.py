@@ -1,0 +1,210 @@
+"""One job of a sweep: config -> model + data -> train / evaluate / profile -> one stored record.
+
+``run_job`` never lets an exception escape for a failure of the run itself (bad data, NaN
+loss, out of memory, ...): it writes a record with status "failed", the error and the
+traceback, so the other jobs of a sweep go on and the report shows the failure. Only
+configuration errors found before any work (``ConfigError``) are raised, since every job of
+such a sweep would fail the same way. KeyboardInterrupt is re-raised after nothing is written:
+the run's checkpoint stays, and the next invocation resumes it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from harness.bench.timing import time_call
+from harness.data import PatchDataset, build_dataset
+from harness.evaluate import evaluate, summarise
+from harness.models import build
+from harness.profile import count_flops, count_params
+from harness.store import Store, config_hash
+from harness.train import TrainSettings, train
+from harness.validate import ConfigError, validate_config
+
+# Parts of the config that change a run's result; store paths, logging, reporting do not.
+SEMANTIC_KEYS = ("model", "task", "data", "train", "eval", "profile", "erf", "seed", "checkpoint", "hardware")
+_DEGRADABLE_KINDS = ("embedded", "folder", "benchmark", "list")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a run executed: recorded with every result."""
+    from harness.bench.timing import environment as hw
+
+    env = hw()
+    env.update({"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+                "hostname": socket.gethostname(), "platform": platform.platform(), "git_commit": git_commit()})
+    return env
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dataset(spec: Mapping[str, Any], task: Mapping[str, Any], seed: int, degradation_key: str = "degradation"):
+    spec = dict(spec)
+    if spec.get("kind", "embedded") in _DEGRADABLE_KINDS:
+        spec.setdefault("degradation", task.get(degradation_key))
+        spec.setdefault("seed", seed)
+        if spec.get("kind", "embedded") == "embedded":
+            spec.setdefault("grey", bool(task.get("grey", False)))
+    return build_dataset(spec)
+
+
+def profile_model(model: torch.nn.Module, cfg: Mapping[str, Any], meta: Mapping[str, Any],
+                  device: torch.device) -> dict[str, Any]:
+    """Parameters always; FLOPs (paper convention) and latency when the profile config asks."""
+    prof = cfg["profile"]
+    out: dict[str, Any] = {"params": count_params(model)}
+    channels = int(meta.get("in_channels", 3))
+    if prof.get("flops"):
+        shape = list(prof.get("flops_input") or meta.get("flops_input") or [1, channels, 256, 256])
+        shape[1] = channels
+        result = count_flops(model, shape)
+        out.update({"gmacs": result.gmacs, "flops_input": shape, "flops_by_operator": result.by_operator,
+                    "flops_unsupported": {k: int(v) for k, v in result.unsupported.items()},
+                    "flops_convention": result.convention, "gmacs_conv_only": result.conv_only / 1e9})
+    if prof.get("latency"):
+        shape = list(prof.get("latency_input") or [1, channels, 256, 256])
+        shape[1] = channels
+        x = torch.rand(*shape, device=device)
+        model.eval()
+        with torch.no_grad():
+            t = time_call(lambda: model(x), device, warmup=int(prof.get("warmup", 2)),
+                          repeats=int(prof.get("repeats", 5)), min_warmup_s=float(prof.get("min_warmup_s", 0.0)))
+        out.update({"latency_ms": t["median_ms"], "latency_p90_ms": t["p90_ms"], "latency_min_ms": t["min_ms"],
+                    "latency_input": shape, "latency_repeats": t["repeats"], "latency_precision": "fp32"})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.no_grad():
+                model(x)
+            torch.cuda.synchronize(device)
+            out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            out["peak_mem_method"] = "cuda max_memory_allocated of one forward"
+    return out
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: str | None = None,
+            swept: Mapping[str, Any] | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Run (or skip, if already complete) one configuration and return its stored record."""
+    cfg = dict(cfg)
+    model_cfg = dict(cfg["model"])
+    meta = dict(model_cfg.get("meta") or {})
+    if model_name:
+        meta.setdefault("preset", model_name)
+    validate_config(cfg, meta)
+    semantic = {k: cfg.get(k) for k in SEMANTIC_KEYS}
+    run_hash = config_hash(semantic)
+    store = Store(cfg["store_dir"])
+    existing = store.get(run_hash)
+    if existing is not None and existing.get("status") == "ok" and not cfg.get("force", False):
+        existing["skipped"] = True
+        return existing
+
+    settings = TrainSettings.from_config(cfg["train"])
+    device = resolve_device(str(cfg["hardware"].get("device", "cpu")))
+    if cfg["hardware"].get("threads"):
+        torch.set_num_threads(int(cfg["hardware"]["threads"]))
+    run_dir = Path(cfg.get("runs_dir", "runs")) / run_hash
+    record: dict[str, Any] = {
+        "config_hash": run_hash, "experiment": experiment, "run_name": run_name or run_hash,
+        "model": model_name or meta.get("preset") or model_cfg.get("_target_", "?").rsplit(".", 1)[-1],
+        "family": meta.get("family"), "task": cfg["task"].get("name"), "seed": cfg["seed"],
+        "swept": dict(swept or {}), "config": semantic, "status": "running", "started_at": time.time(),
+        "run_dir": str(run_dir), "environment": environment(device),
+    }
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    try:
+        torch.manual_seed(cfg["seed"])
+        model = build(model_cfg).to(device)
+        if cfg.get("checkpoint"):
+            from harness.checkpoints import load_weights
+
+            record["checkpoint"] = load_weights(model, cfg["checkpoint"], strict=True)
+        t = time.perf_counter()
+        record["profile"] = profile_model(model, cfg, meta, device)
+        timings["profile_s"] = time.perf_counter() - t
+
+        task, data, ev = cfg["task"], cfg["data"], cfg["eval"]
+        multiple = int(meta.get("pad_multiple", 1))
+        scale = int(task.get("scale", 1))
+        eval_kwargs = dict(metrics=tuple(ev.get("metrics", ("psnr", "ssim"))), protocol=ev.get("protocol", "basicsr"),
+                           crop_border=int(ev.get("crop_border", task.get("crop_border", 0)) or 0),
+                           y_channel=bool(ev.get("y_channel", task.get("y_channel", False))),
+                           lpips_net=ev.get("lpips_net", "alex"), pad_multiple=multiple, scale=scale,
+                           tile=ev.get("tile"), tile_overlap=int(ev.get("tile_overlap", 32)),
+                           ensemble=ev.get("ensemble"), device=device)
+        if settings.iters > 0:
+            online = task.get("train_degradation") if task.get("online_degradation", True) and scale == 1 else None
+            base = _dataset(data["train"], task, cfg["seed"])
+            patches = PatchDataset(base, settings.patch_size, augment=bool(data.get("augment", True)),
+                                   online_degradation=online, seed=cfg["seed"])
+            val_set = _dataset(data["val"], task, cfg["seed"]) if data.get("val") else None
+
+            def validate(m):
+                res = evaluate(m, val_set, **{**eval_kwargs, "metrics": ("psnr",)})["results"]
+                return {"psnr": res["psnr"].mean} if "psnr" in res else {}
+
+            t = time.perf_counter()
+            trained = train(model, patches, settings, device=device, seed=cfg["seed"], run_dir=run_dir,
+                            validate=validate if val_set is not None and settings.val_every else None,
+                            progress=bool(cfg.get("progress", True)))
+            timings["train_s"] = time.perf_counter() - t
+            record["train"] = {k: trained[k] for k in ("history", "iters_done", "resumed_from", "time_s")}
+            if trained["ema"] is not None:
+                model = trained["ema"]
+        if ev.get("enabled", True):
+            test_set = _dataset(data["test"], task, cfg["seed"])
+            t = time.perf_counter()
+            out = evaluate(model, test_set, **eval_kwargs, limit=ev.get("limit"),
+                           save_dir=run_dir / "images" if ev.get("save_images") else None)
+            timings["eval_s"] = time.perf_counter() - t
+            record["metrics"] = summarise(out["results"])
+            record["dataset"] = getattr(test_set, "dataset_name", data["test"].get("kind"))
+            record["nonfinite"] = out["nonfinite"]
+            if out["nonfinite"]:
+                raise FloatingPointError(f"non-finite model output on {len(out['nonfinite'])} of {out['images']} "
+                                         f"images ({out['nonfinite'][:5]}); those images are not in the metrics")
+        if cfg.get("erf") and cfg["erf"].get("enabled"):
+            from harness.erf_job import erf_for_run
+
+            record["erf"] = erf_for_run(model, cfg["erf"], meta, device, run_dir)
+        record["status"] = "ok"
+    except ConfigError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - every failure becomes a record, the sweep goes on
+        record["status"] = "failed"
+        record["error"] = f"{'out of memory: ' if _is_oom(err) else ''}{type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc()
+    timings["total_s"] = time.perf_counter() - t_start
+    record["timings"] = timings
+    record["finished_at"] = time.time()
+    if int(os.environ.get("RANK", "0")) == 0:
+        store.put(record)
+    return record
