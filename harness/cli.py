@@ -92,12 +92,16 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     if job == "run":
         record = run_job(plain, experiment=experiment, model_name=model_name, swept=swept,
                          run_name=",".join(f"{k}={v}" for k, v in swept.items()) or model_name)
+    elif job == "efficiency":
+        from harness.profile_job import run_efficiency_job
+
+        record = run_efficiency_job(plain, experiment=experiment)
     elif job == "ladder":
         from harness.profile_job import run_ladder_job
 
         record = run_ladder_job(plain, experiment=experiment)
     else:
-        raise ValueError(f"unknown job kind job={job!r}; valid: run, ladder")
+        raise ValueError(f"unknown job kind job={job!r}; valid: run, efficiency, ladder")
     if record.get("status") == "ok" and not record.get("skipped"):
         log_history(record, plain.get("logger") or {})
     state = "skipped (complete record exists)" if record.get("skipped") else record.get("status")

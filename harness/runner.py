@@ -117,7 +117,9 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
         meta.setdefault("preset", model_name)
     validate_config(cfg, meta)
     semantic = {k: cfg.get(k) for k in SEMANTIC_KEYS}
-    run_hash = config_hash(semantic)
+    # The experiment is part of the identity: the same configuration run by two experiments
+    # gives two records, so each experiment's report is complete on its own.
+    run_hash = config_hash({"experiment": experiment, **semantic})
     store = Store(cfg["store_dir"])
     existing = store.get(run_hash)
     if existing is not None and existing.get("status") == "ok" and not cfg.get("force", False):

@@ -168,7 +168,8 @@ def flatten_record(record: Mapping[str, Any]) -> dict[str, Any]:
         "status": record.get("status"),
         "config_hash": record.get("config_hash"),
     }
-    row.update({f"{k}": v for k, v in (record.get("swept") or {}).items()})
+    # Overrides of this run (e.g. model.heads=16) become columns; "model" is already one.
+    row.update({k: v for k, v in (record.get("swept") or {}).items() if k not in row})
     profile = record.get("profile") or {}
     row["params"] = profile.get("params")
     row["gflops"] = profile.get("gmacs")
@@ -178,6 +179,18 @@ def flatten_record(record: Mapping[str, Any]) -> dict[str, Any]:
     row["device"] = (record.get("environment") or {}).get("device")
     for metric, value in (record.get("metrics") or {}).items():
         row[metric] = value.get("mean") if isinstance(value, Mapping) else value
+    official = record.get("official") or {}
+    if official:
+        row["flops_method"] = profile.get("flops_method")
+        row["official_params"] = official.get("params")
+        row["official_gflops"] = official.get("gflops")
+        if official.get("params") is not None and row["params"] is not None:
+            row["params_diff"] = row["params"] - official["params"]
+        if official.get("gflops") and row["gflops"] is not None:
+            row["gflops_diff_pct"] = 100.0 * (row["gflops"] - official["gflops"]) / official["gflops"]
+        if official.get("gflops_conv_only") is not None:
+            row["gflops_conv_only"] = profile.get("gmacs_conv_only")
+            row["official_gflops_conv_only"] = official["gflops_conv_only"]
     row["train_s"] = (record.get("timings") or {}).get("train_s")
     row["error"] = record.get("error")
     return row

@@ -21,14 +21,17 @@ from harness.store import Store
 
 log = logging.getLogger("eabench.report")
 
-IDENTITY = ("experiment", "run", "model", "family", "task", "seed", "status", "config_hash")
+IDENTITY = ("experiment", "run", "model", "family", "task", "seed", "status", "config_hash", "flops_method",
+            "official_params", "official_gflops", "params_diff", "gflops_diff_pct", "gflops_conv_only",
+            "official_gflops_conv_only")
 COST = ("params", "gflops", "flops_input", "latency_ms", "peak_mem_mb", "device")
 METRIC_COLS = ("psnr", "ssim", "lpips")
 
 
 def _swept_columns(df: pd.DataFrame) -> list[str]:
-    known = set(IDENTITY) | set(COST) | set(METRIC_COLS) | {"train_s", "error", "experiment"}
-    return [c for c in df.columns if c not in known and "." in c or c in ("model.heads", "model.directions")]
+    """Columns that came from a run's overrides (e.g. ``model.heads``), in first-seen order."""
+    known = set(IDENTITY) | set(COST) | set(METRIC_COLS) | {"run", "train_s", "error", "psnr_delta"}
+    return [c for c in df.columns if c not in known]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -54,6 +57,15 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
         table["latency (ms)"] = df["latency_ms"]
     if "psnr_delta" in df:
         table["ΔPSNR vs ref [95% CI]"] = df["psnr_delta"]
+    if "official_params" in df:
+        table["official params"] = df["official_params"]
+        table["Δparams"] = df.get("params_diff")
+        table["official GFLOPs"] = df["official_gflops"]
+        table["ΔGFLOPs (%)"] = df.get("gflops_diff_pct")
+        if "gflops_conv_only" in df:
+            table["GFLOPs conv-only"] = df["gflops_conv_only"]
+            table["official conv-only"] = df["official_gflops_conv_only"]
+        table["FLOPs method"] = df.get("flops_method")
     table["status"] = df["status"]
     return table
 

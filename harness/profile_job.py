@@ -1,0 +1,79 @@
+"""Profiling jobs that are not train/evaluate runs: the paper-efficiency table and the ladder."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any, Mapping
+
+import torch
+
+from harness.models import create, preset_meta
+from harness.profile import count_flops, count_params
+from harness.runner import environment
+from harness.store import Store, config_hash
+
+
+def flops_verified_linear(model: torch.nn.Module, shape: list[int],
+                          probe_sizes: tuple[int, int]) -> tuple[int, int, str]:
+    """FLOPs at ``shape``: counted at two probe sizes; if they prove exact pixel-linearity, scaled.
+
+    Counts c1 at p1×p1 and c2 at p2×p2 are linear in pixels when c2·p1² = c1·p2²; then the count
+    at H×W is c1·(H·W)/p1². fvcore prints einsum counts with four significant digits, so the
+    check allows a relative 1e-4; a model that fails it is counted at ``shape`` directly.
+    Returns (total, convolution-only total, method).
+    """
+    p1, p2 = probe_sizes
+    h, w = shape[-2:]
+    r1 = count_flops(model, [*shape[:-2], p1, p1])
+    c1, c2 = r1.total, count_flops(model, [*shape[:-2], p2, p2]).total
+    if abs(c2 * p1 * p1 - c1 * p2 * p2) <= 1e-4 * c2 * p1 * p1:
+        scale = h * w / (p1 * p1)
+        return round(c1 * scale), round(r1.conv_only * scale), f"verified linear ({p1}² and {p2}² counts, scaled)"
+    full = count_flops(model, shape)
+    return full.total, full.conv_only, "counted at the input size"
+
+
+def run_efficiency_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
+    """One record per preset: params and FLOPs against the official figures (no training)."""
+    eff = cfg["efficiency"]
+    store = Store(cfg["store_dir"])
+    device = torch.device("cpu")
+    env = environment(device)
+    records = []
+    for preset in eff["presets"]:
+        run_hash = config_hash({"experiment": experiment, "preset": preset, "efficiency": dict(eff)})
+        if store.is_complete(run_hash) and not cfg.get("force"):
+            records.append(store.get(run_hash))
+            continue
+        record: dict[str, Any] = {"config_hash": run_hash, "experiment": experiment, "run_name": preset,
+                                  "model": preset, "status": "running", "environment": env, "started_at": time.time()}
+        t0 = time.perf_counter()
+        try:
+            meta = preset_meta(preset)
+            record["family"] = meta.get("family")
+            model = create(preset)
+            params = count_params(model)
+            shape = list(meta.get("flops_input") or [1, 3, 256, 256])
+            if eff.get("verified_linear", True):
+                total, conv, method = flops_verified_linear(model, shape, tuple(eff.get("probe_sizes", (64, 128))))
+            else:
+                full = count_flops(model, shape)
+                total, conv, method = full.total, full.conv_only, "counted at the input size"
+            official = {"params": meta.get("official_params"), "gflops": meta.get("official_gflops"),
+                        "gflops_conv_only": meta.get("official_gflops_conv_only")}
+            record["profile"] = {"params": params, "gmacs": total / 1e9, "flops_input": shape, "flops_method": method,
+                                 "gmacs_conv_only": conv / 1e9}
+            record["official"] = official
+            record["status"] = "ok"
+        except Exception as err:  # noqa: BLE001 - one bad preset must not stop the table
+            record["status"] = "failed"
+            record["error"] = f"{type(err).__name__}: {err}"
+            record["traceback"] = traceback.format_exc()
+        record["timings"] = {"total_s": time.perf_counter() - t0}
+        store.put(record)
+        records.append(record)
+    ok = sum(r.get("status") == "ok" for r in records)
+    return {"run_name": experiment, "status": "ok" if ok == len(records) else "failed",
+            "metrics": {}, "records": len(records), "error": None if ok == len(records) else
+            f"{len(records) - ok} presets failed"}
