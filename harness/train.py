@@ -224,10 +224,13 @@ def train(
         scheduler.step()
         if ema is not None:
             ema.update(model)
-        entry = {"iter": it + 1, "loss": float(loss), "lr": scheduler.get_last_lr()[0], "patch": patch}
+        entry = {"iter": it + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "patch": patch}
         if grad_norm is not None:
             entry["grad_norm"] = grad_norm
         done = it + 1
+        # Checkpoint before validation and logging, so an interruption there loses nothing.
+        if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.iters:
+            checkpoint(done)
         if validate is not None and settings.val_every and (done % settings.val_every == 0 or done == settings.iters):
             entry.update({f"val_{k}": v for k, v in validate(ema.module if ema else model).items()})
             model.train()
@@ -238,8 +241,6 @@ def train(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
-        if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.iters:
-            checkpoint(done)
     if bar is not None:
         bar.close()
     if settings.iters > start:

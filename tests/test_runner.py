@@ -1,0 +1,149 @@
+"""The runner: every config composes, a job trains/evaluates/profiles/records, re-runs skip, resume works."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import harness.models as hm
+from harness.models.registry import CONF_DIR
+from harness.runner import run_job
+from harness.store import Store
+from harness.validate import ConfigError, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["task", "data", "train", "eval", "profile", "erf", "logger", "hardware", "experiment"]
+FAST = ["train=smoke", "eval.metrics=[psnr,ssim]", "data.test.crop=64", "data.test.split=test",
+        "profile.flops_input=[1,3,32,32]"]
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option != "embedded":
+        overrides += {"benchmark": ["data.root=/x", "data.name=CBSD68"], "paired": ["data.lq_dir=/a", "data.gt_dir=/b"],
+                      "sidd": ["data.root=/x"]}[option]
+    if group == "task":  # a model that fits the task's channels and scale
+        overrides.append({"denoise_gray25": "model=dncnn_gray17", "sr_x2": "model=eamamba_sr_x2",
+                          "sr_x3": "model=eamamba_sr_x3", "sr_x4": "model=eamamba_sr_x4"}.get(option, "model=eamamba_tiny"))
+        overrides.append("train.patch_size=48")
+    if group == "hardware" and option == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA here")
+    cfg = OmegaConf.to_container(compose_cfg(overrides), resolve=True)
+    assert cfg["experiment_name"]
+    if cfg.get("job", "run") == "run":
+        model = hm.build(cfg["model"])
+        meta = dict(cfg["model"].get("meta") or {})
+        validate_config(cfg, meta)
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_every_model_preset_composes_as_group():
+    for name in hm.available():
+        cfg = compose_cfg([f"model={name}", "experiment=single"])
+        assert cfg.model._target_
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["train.lr=-1"], "train.lr=-1: must be > 0"),
+    (["train.batch_size=0"], "train.batch_size=0"),
+    (["eval.protocol=matlab"], "eval.protocol='matlab'"),
+    (["task=sr_x4"], "task.scale=4: the model"),
+    (["task=denoise_gray25"], "task.grey=True: the model takes 3 input channels"),
+    (["train.patch_size=36"], "train.patch_size=36: must be a multiple of 8"),
+    (["+train.momentum=0.9"], "unknown train settings \\['momentum'\\]"),
+])
+def test_config_errors_name_key_and_value(bad, message):
+    cfg = OmegaConf.to_container(compose_cfg(["experiment=single", "model=eamamba_tiny", "train=quick"] + bad),
+                                 resolve=True)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, cfg["model"]["meta"])
+
+
+def _job_cfg(tmp_path, extra=()):
+    cfg = OmegaConf.to_container(compose_cfg(["experiment=single", "model=eamamba_tiny", *FAST, *extra]),
+                                 resolve=True)
+    cfg["store_dir"], cfg["runs_dir"], cfg["progress"] = str(tmp_path / "store"), str(tmp_path / "runs"), False
+    return cfg
+
+
+def test_job_records_skips_and_resumes(tmp_path):
+    cfg = _job_cfg(tmp_path)
+    rec = run_job(cfg, experiment="t", model_name="eamamba_tiny")
+    assert rec["status"] == "ok", rec.get("traceback")
+    assert rec["profile"]["params"] == sum(p.numel() for p in hm.create("eamamba_tiny").parameters())
+    assert rec["profile"]["gmacs"] > 0 and rec["train"]["iters_done"] == 4
+    psnr = rec["metrics"]["psnr"]
+    assert len(psnr["values"]) == 3 and psnr["protocol"]["protocol"] == "basicsr"
+    assert rec["environment"]["torch"] == torch.__version__
+    stored = json.loads(Path(tmp_path / "store" / "records" / f"{rec['config_hash']}.json").read_text())
+    assert stored["status"] == "ok" and stored["metrics"]["psnr"]["values"] == psnr["values"]
+    # Same config again: skipped, nothing re-run.
+    again = run_job(cfg, experiment="t", model_name="eamamba_tiny")
+    assert again.get("skipped") and again["config_hash"] == rec["config_hash"]
+    # Longer budget resumes from the 4-iteration checkpoint of an identical run directory.
+    ckpt = Path(rec["run_dir"]) / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+    df = Store(cfg["store_dir"]).frame("t")
+    assert list(df["status"]) == ["ok"] and df["psnr"].iloc[0] == pytest.approx(psnr["mean"])
+
+
+def test_exact_resume_matches_uninterrupted(tmp_path):
+    from harness.data import EmbeddedDataset, PatchDataset
+    from harness.train import TrainSettings, train
+
+    def run(run_dir, stop_at=None):
+        torch.manual_seed(0)
+        model = hm.create("eamamba_tiny")
+        ds = PatchDataset(EmbeddedDataset("val"), 32, online_degradation={"name": "gaussian_noise", "sigma": 25})
+        s = TrainSettings(iters=6, batch_size=2, patch_size=32, lr=1e-3, ckpt_every=3, ema=0.9)
+
+        def interrupt(entry):
+            if entry["iter"] == stop_at:
+                raise KeyboardInterrupt
+
+        out = train(model, ds, s, device=torch.device("cpu"), run_dir=run_dir, progress=False, log=interrupt)
+        return model, out
+
+    full, _ = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_at=4)  # interrupted after iteration 4; last checkpoint at 3
+    resumed, out = run(tmp_path / "b")
+    assert out["resumed_from"] == 3
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_failed_job_is_recorded_not_raised(tmp_path):
+    cfg = _job_cfg(tmp_path, ["data.test.split=nope"])
+    rec = run_job(cfg, experiment="t", model_name="eamamba_tiny")
+    assert rec["status"] == "failed" and "unknown embedded split 'nope'" in rec["error"]
+    assert "Traceback" in rec["traceback"]
+    assert Store(cfg["store_dir"]).get(rec["config_hash"])["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_cli_single_run_writes_report(tmp_path):
+    env = {"EABENCH_STORE": str(tmp_path / "store"), "EABENCH_RUNS": str(tmp_path / "runs"), "WANDB_MODE": "offline",
+           "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    cmd = [sys.executable, "run.py", "experiment=single", "model=dncnn_tiny", *FAST, f"report_dir={tmp_path}/rep",
+           f"hydra.run.dir={tmp_path}/out", "progress=false"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "dncnn_tiny" in table and "| ok |" in table
+    assert (tmp_path / "rep" / "results.csv").is_file() and (tmp_path / "rep" / "report.md").is_file()
