@@ -1,0 +1,1 @@
+"""Utilities for testing the harness itself (fault injection); not used by experiments."""
