@@ -77,3 +77,35 @@ def run_efficiency_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, 
     return {"run_name": experiment, "status": "ok" if ok == len(records) else "failed",
             "metrics": {}, "records": len(records), "error": None if ok == len(records) else
             f"{len(records) - ok} presets failed"}
+
+
+def run_ladder_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
+    """Cost versus resolution for ``cfg.scaling.presets``; one record per (preset, size) row."""
+    from harness.profile.ladder import plot_ladder, resolution_ladder
+
+    sc = cfg["scaling"]
+    device = torch.device(str(cfg["hardware"].get("device", "cpu")))
+    store = Store(cfg["store_dir"])
+    env = environment(device)
+    df = resolution_ladder(list(sc["presets"]), [int(s) for s in sc["sizes"]], device=device,
+                           measure=tuple(sc.get("measure", ("latency", "flops"))),
+                           repeats=int(sc.get("repeats", 5)), warmup=int(sc.get("warmup", 3)))
+    for row in df.to_dict("records"):
+        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+        name = f"{row.get('model')}@{row.get('height', row.get('size'))}"
+        record = {"config_hash": config_hash({"experiment": experiment, "row": name, "scaling": dict(sc),
+                                              "device": str(device)}),
+                  "experiment": experiment, "run_name": name, "model": row.get("model"),
+                  "status": "ok" if row.get("status") == "ok" else "failed",
+                  "error": None if row.get("status") == "ok" else row.get("status"),
+                  "profile": {"gmacs": row.get("gmacs"), "latency_ms": row.get("latency_median_ms"),
+                              "peak_mem_mb": row.get("peak_mem_mb")},
+                  "swept": {"size": row.get("height", row.get("size"))}, "ladder_row": row, "environment": env}
+        store.put(record)
+    out = Path(cfg["report_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "ladder.csv", index=False)
+    caption = f"{env.get('device')} ({env.get('cpu')}), torch {env.get('torch')}, fp32, batch 1"
+    for metric in sc.get("measure", ("latency", "flops")):
+        plot_ladder(df, out / "figures" / f"ladder_{metric}.png", metric, caption=caption)
+    return {"run_name": experiment, "status": "ok", "metrics": {}, "rows": len(df)}
