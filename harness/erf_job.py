@@ -18,7 +18,8 @@ def erf_for_run(model: torch.nn.Module, erf_cfg: Mapping[str, Any], meta: Mappin
     n = int(erf_cfg.get("images", 8))
     size = int(erf_cfg.get("size", 128))
     grey = int(meta.get("in_channels", 3)) == 1
-    images = [EmbeddedDataset("all", grey=grey)[i]["gt"] for i in range(min(n, 11))]
+    source = EmbeddedDataset("all", grey=grey)
+    images = [source.load(i).gt for i in range(min(n, len(source)))]  # clean photos, (H, W, C) float
     erf_map, info = compute_erf(model, images, rectifier=erf_cfg.get("rectifier", "abs"), device=device,
                                 input_size=size, return_info=True)
     thresholds = tuple(float(t) for t in erf_cfg.get("thresholds", (0.2, 0.3, 0.5, 0.99)))

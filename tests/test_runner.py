@@ -147,3 +147,34 @@ def test_cli_single_run_writes_report(tmp_path):
     table = (tmp_path / "rep" / "table.md").read_text()
     assert "dncnn_tiny" in table and "| ok |" in table
     assert (tmp_path / "rep" / "results.csv").is_file() and (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_erf_experiment_step(tmp_path):
+    cfg = _job_cfg(tmp_path, ["erf=default", "erf.images=2", "erf.size=32", "train=none", "eval=none"])
+    cfg["model"] = dict(compose_cfg(["model=dncnn_tiny", "experiment=single"]).model)
+    rec = run_job(OmegaConf.to_container(OmegaConf.create(cfg)), experiment="erf_t", model_name="dncnn_tiny")
+    assert rec["status"] == "ok", rec.get("traceback")
+    ratios = rec["erf"]["area_ratios"]
+    assert set(ratios) == {"0.2", "0.3", "0.5", "0.99"}
+    assert all(0 < ratios[k] <= ratios[j] <= 1 for k, j in [("0.2", "0.3"), ("0.3", "0.5"), ("0.5", "0.99")])
+    assert Path(rec["erf"]["files"]["npy"]).is_file()
+
+
+def test_scaling_and_efficiency_jobs(tmp_path):
+    from harness.profile_job import run_efficiency_job, run_ladder_job
+
+    cfg = _job_cfg(tmp_path)
+    cfg["report_dir"] = str(tmp_path / "rep")
+    cfg["scaling"] = {"presets": ["dncnn_tiny", "eamamba_tiny"], "sizes": [16, 20, 32], "measure": ["flops"]}
+    run_ladder_job(cfg, experiment="scaling_t")
+    recs = {r["run_name"]: r for r in Store(cfg["store_dir"]).records("scaling_t")}
+    assert recs["dncnn_tiny@32"]["status"] == "ok" and recs["eamamba_tiny@16"]["status"] == "ok"
+    assert recs["eamamba_tiny@20"]["status"] == "failed"  # 20 is not a multiple of 8: a row, not a crash
+    assert recs["dncnn_tiny@32"]["profile"]["gmacs"] == pytest.approx(4 * recs["dncnn_tiny@16"]["profile"]["gmacs"])
+    cfg["efficiency"] = {"presets": ["dncnn_color20", "eamamba_sr_x2"], "verified_linear": True,
+                         "probe_sizes": [32, 64]}
+    run_efficiency_job(cfg, experiment="eff_t")
+    eff = {r["model"]: r for r in Store(cfg["store_dir"]).records("eff_t")}
+    assert eff["dncnn_color20"]["profile"]["params"] == 668_227
+    assert eff["dncnn_color20"]["profile"]["gmacs"] == pytest.approx(43.713, rel=2e-3)
+    assert eff["eamamba_sr_x2"]["profile"]["gmacs"] == pytest.approx(52.98, rel=2e-3)
