@@ -128,3 +128,20 @@ def test_joblib_launcher_parallel_jobs(tmp_path):
     recs = Store(tmp_path / "store").records("single")
     assert len(recs) == 4 and all(r["status"] == "ok" for r in recs)
     assert "dncnn_tiny" in (tmp_path / "rep" / "table.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, plugin", [
+    (["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], "hydra_plugins.hydra_submitit_launcher"),
+    (["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false"],
+     "hydra_plugins.hydra_ray_launcher"),
+])
+def test_cluster_launchers_locally(tmp_path, launcher, plugin):
+    pytest.importorskip(plugin)
+    cmd = _sweep_cmd(tmp_path, launcher)
+    cmd[cmd.index("seed=0,1,2,3")] = "seed=0,1"
+    cmd[cmd.index("train.iters=30")] = "train.iters=2"
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = Store(tmp_path / "store").records("single")
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
