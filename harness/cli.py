@@ -19,6 +19,10 @@ _FLAGS_WITHOUT_RUN = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "
                       "-sc"}
 
 
+# Overrides that say where or how to run, not what: they do not name a run.
+_NOT_IDENTITY = {"experiment", "report", "report_dir", "progress", "store_dir", "runs_dir", "force"}
+
+
 def _experiment_from_argv(argv: list[str]) -> str | None:
     name = "quickstart"  # the default in conf/config.yaml
     for arg in argv[1:]:
@@ -51,7 +55,7 @@ def _job_identity() -> tuple[str | None, dict[str, str]]:
     for override in hc.overrides.task:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        if key not in ("experiment",):
+        if key not in _NOT_IDENTITY and not key.startswith("hydra"):
             swept[key] = value
     return hc.runtime.choices.get("model"), swept
 
