@@ -117,6 +117,26 @@ def add_paired_statistics(df: pd.DataFrame, records: list[dict], reference: str 
     return df
 
 
+def seed_summary(df: pd.DataFrame, records: list[dict]) -> pd.DataFrame | None:
+    """Mean ± std over seeds of each configuration (runs equal but for ``seed``), when repeated."""
+    keys = []
+    for r in records:
+        swept = {k: v for k, v in (r.get("swept") or {}).items() if k != "seed"}
+        keys.append(",".join(f"{k}={v}" for k, v in sorted(swept.items())) or str(r.get("model")))
+    frame = df.assign(configuration=keys[: len(df)])
+    frame = frame[frame["status"] == "ok"]
+    if frame.empty or frame.groupby("configuration").size().max() < 2:
+        return None
+    metrics = [m for m in METRIC_COLS if m in frame and frame[m].notna().any()]
+    rows = []
+    for conf, grp in frame.groupby("configuration", sort=False):
+        row = {"configuration": conf, "seeds": len(grp)}
+        for m in metrics:
+            row[f"{m.upper()} mean ± std"] = f"{grp[m].mean():.4f} ± {grp[m].std(ddof=1) if len(grp) > 1 else 0:.4f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -194,12 +214,17 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
     (out / "table.md").write_text(to_markdown(table))
     (out / "table.tex").write_text(to_latex(table, caption))
     figures = _figures(df, out / "figures", caption)
+    seeds = seed_summary(df, records)
+    if seeds is not None:
+        (out / "table_seeds.md").write_text(to_markdown(seeds))
     lines = [f"# Report: {experiment}", "", f"{len(df)} runs ({int((df['status'] == 'ok').sum())} ok, "
              f"{int((df['status'] != 'ok').sum())} failed). Protocol: {protocol}.", "",
              f"Environment: {env}", "", to_markdown(table), ""]
     if "psnr_delta" in df:
         lines += ["ΔPSNR: paired per-image difference to the reference run (first listed), mean and bootstrap "
                   "95 % confidence interval over images; * marks an interval excluding 0.", ""]
+    if seeds is not None:
+        lines += ["## Over seeds", "", to_markdown(seeds), ""]
     failed = df[df["status"] != "ok"]
     for _, row in failed.iterrows():
         lines.append(f"- **failed** `{row['run']}`: {row.get('error')}")
