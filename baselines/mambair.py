@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.models.eamamba import init_ssm_parameters, multi_route_scan
+from harness.models.layers import init_transformer_weights
 from harness.models.unet import RestormerUNet
 
 # VMamba's CrossScan order (x_proj_weight[k] belongs to route k): not EAMamba's `cross` order.
@@ -244,7 +245,7 @@ class MambaIR(nn.Module):
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
         for name, module in make_upsampler(upsampler, upscale, embed_dim, num_feat, in_chans).items():
             self.add_module(name, module)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> deep features (B, C, H, W)."""
@@ -267,25 +268,6 @@ class MambaIR(nn.Module):
             first = self.conv_first(x)
             x = x + self.conv_last(self.conv_after_body(self.forward_features(first)) + first)
         return x / self.img_range + mean
-
-
-@torch.no_grad()
-def _trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
-    """timm's ``trunc_normal_(t, std)``: it truncates at ±2 absolute (±100 std for std 0.02), so
-    normal + clamp is the same draw, without the slow inverse-erf sampling (5 s for SwinIR)."""
-    return t.normal_(0.0, std).clamp_(-2.0, 2.0)
-
-
-def _init_weights(m: nn.Module) -> None:
-    # The release's init (timm trunc-normal for Linear, unit LayerNorm); the SSM parameters are
-    # not Linear modules and keep their Mamba init.
-    if isinstance(m, nn.Linear):
-        _trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 class MambaIRUNet(RestormerUNet):

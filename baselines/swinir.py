@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler
+from harness.models.layers import init_transformer_weights, trunc_normal_
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        _trunc_normal_(self.relative_position_bias_table, std=0.02)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         bw, n, c = x.shape  # (B·nW, ws², C)
@@ -230,7 +231,7 @@ class SwinIR(nn.Module):
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
         for name, module in make_upsampler(upsampler, upscale, embed_dim, 64, in_chans).items():
             self.add_module(name, module)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> deep features (B, C, H, W)."""
@@ -261,19 +262,3 @@ class SwinIR(nn.Module):
         return x[:, :, : h * self.upscale, : w * self.upscale]
 
 
-@torch.no_grad()
-def _trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
-    """timm's ``trunc_normal_(t, std)``: it truncates at ±2 absolute (±100 std for std 0.02), so
-    normal + clamp is the same draw, without the slow inverse-erf sampling (5 s for SwinIR)."""
-    return t.normal_(0.0, std).clamp_(-2.0, 2.0)
-
-
-def _init_weights(m: nn.Module) -> None:
-    # The release's init: trunc-normal Linear weights, zero biases, unit LayerNorms.
-    if isinstance(m, nn.Linear):
-        _trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -24,19 +24,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from harness.models.registry import model_in_channels
+
 SCALINGS = ("power0.25", "power0.2", "log10", "none")
 RECTIFIERS = ("abs", "relu")
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-
-
-def _model_in_channels(model: nn.Module) -> int | None:
-    meta = getattr(model, "eabench_meta", None) or {}
-    if meta.get("in_channels"):
-        return int(meta["in_channels"])
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return None
 
 
 def _to_chw(img) -> torch.Tensor:
@@ -132,7 +124,7 @@ def compute_erf(model: nn.Module | str, images, *, target: tuple[int, int] | Non
     device = torch.device(device)
     was_training = model.training
     model = model.to(device).eval()
-    channels = _model_in_channels(model) if adapt_channels else None
+    channels = model_in_channels(model) if adapt_channels else None
     size = None if input_size is None else ((int(input_size),) * 2 if isinstance(input_size, int)
                                              else (int(input_size[0]), int(input_size[1])))
     total = None

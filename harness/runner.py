@@ -103,6 +103,21 @@ def profile_model(model: torch.nn.Module, cfg: Mapping[str, Any], meta: Mapping[
     return out
 
 
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1); returns (rank, world)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
 
@@ -128,6 +143,9 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
 
     settings = TrainSettings.from_config(cfg["train"])
     device = resolve_device(str(cfg["hardware"].get("device", "cpu")))
+    rank, world = init_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if cfg["hardware"].get("threads"):
         torch.set_num_threads(int(cfg["hardware"]["threads"]))
     run_dir = Path(cfg.get("runs_dir", "runs")) / run_hash
@@ -136,7 +154,7 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
         "model": model_name or meta.get("preset") or model_cfg.get("_target_", "?").rsplit(".", 1)[-1],
         "family": meta.get("family"), "task": cfg["task"].get("name"), "seed": cfg["seed"],
         "swept": dict(swept or {}), "config": semantic, "status": "running", "started_at": time.time(),
-        "run_dir": str(run_dir), "environment": environment(device),
+        "run_dir": str(run_dir), "environment": {**environment(device), "world_size": world},
     }
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -176,7 +194,10 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
                             validate=validate if val_set is not None and settings.val_every else None,
                             progress=bool(cfg.get("progress", True)))
             timings["train_s"] = time.perf_counter() - t
-            record["train"] = {k: trained[k] for k in ("history", "iters_done", "resumed_from", "time_s")}
+            record["train"] = {k: trained[k] for k in ("history", "iters_done", "resumed_from", "time_s", "world_size")
+                               if k in trained}
+            if "replicas_identical" in trained:
+                record["train"]["replicas_identical"] = trained["replicas_identical"]
             if trained["ema"] is not None:
                 model = trained["ema"]
         if ev.get("enabled", True):
@@ -207,6 +228,6 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
     timings["total_s"] = time.perf_counter() - t_start
     record["timings"] = timings
     record["finished_at"] = time.time()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:  # one record per run, written by the first process of a data-parallel group
         store.put(record)
     return record

@@ -245,5 +245,13 @@ def train(
         bar.close()
     if settings.iters > start:
         checkpoint(settings.iters)
-    return {"history": history, "iters_done": settings.iters, "resumed_from": resumed_from,
-            "ema": ema.module if ema else None, "time_s": time.perf_counter() - t0}
+    out = {"history": history, "iters_done": settings.iters, "resumed_from": resumed_from,
+           "ema": ema.module if ema else None, "time_s": time.perf_counter() - t0, "world_size": world}
+    if world > 1:
+        # Data parallelism is only right if every replica ends with the same weights: check it.
+        with torch.no_grad():
+            digest = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+            gathered = [torch.empty_like(digest) for _ in range(world)]
+            dist.all_gather(gathered, digest)
+        out["replicas_identical"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
+    return out

@@ -178,3 +178,34 @@ def test_scaling_and_efficiency_jobs(tmp_path):
     assert eff["dncnn_color20"]["profile"]["params"] == 668_227
     assert eff["dncnn_color20"]["profile"]["gmacs"] == pytest.approx(43.713, rel=2e-3)
     assert eff["eamamba_sr_x2"]["profile"]["gmacs"] == pytest.approx(52.98, rel=2e-3)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo_on_cpu(tmp_path):
+    env = {**__import__("os").environ, "EABENCH_STORE": str(tmp_path / "store"), "EABENCH_RUNS": str(tmp_path / "runs"),
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "run.py",
+           "experiment=single", "model=dncnn_tiny", *FAST, "train.batch_size=4", f"report_dir={tmp_path}/rep",
+           f"hydra.run.dir={tmp_path}/out"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = Store(tmp_path / "store").records("single")
+    assert len(recs) == 1 and recs[0]["status"] == "ok", recs[0].get("traceback") if recs else res.stderr[-2000:]
+    assert recs[0]["train"]["world_size"] == 2 and recs[0]["train"]["replicas_identical"] is True
+
+
+def test_loggers_csv_and_wandb_offline(tmp_path, monkeypatch):
+    from harness.cli import log_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    record = {"run_dir": str(tmp_path / "run"), "run_name": "r", "experiment": "e", "config": {"seed": 0},
+              "train": {"history": [{"iter": 1, "loss": 0.5, "lr": 1e-3}, {"iter": 2, "loss": 0.25, "lr": 1e-3}]},
+              "metrics": {"psnr": {"mean": 30.0}}, "profile": {"params": 10, "gmacs": 1.0}}
+    log_history(record, {"kind": "csv"})
+    lines = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert lines[0] == "iter,loss,lr" and lines[2].startswith("2,0.25")
+    pytest.importorskip("wandb")
+    log_history(record, {"kind": "wandb", "project": "eabench-test", "mode": "offline", "dir": str(tmp_path)})
+    runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

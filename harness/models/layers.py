@@ -167,3 +167,26 @@ def make_mixer(kind: str, dim: int, expansion: float, bias: bool) -> nn.Module:
     if cls is None:
         raise ValueError(f"unknown channel mixer {kind!r}; valid mixers: {sorted(MIXERS)}")
     return cls(dim, expansion, bias)
+
+
+# --- initialisation shared by the transformer-style baselines (MambaIR, SwinIR) --------------
+
+@torch.no_grad()
+def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
+    """timm's ``trunc_normal_(t, std)``: it truncates at ±2 absolute (±100 std for std 0.02), so
+    normal + clamp is the same draw, without the slow inverse-erf sampling (5 s for SwinIR)."""
+    return t.normal_(0.0, std).clamp_(-2.0, 2.0)
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """The releases' init: trunc-normal Linear weights, zero biases, unit LayerNorms.
+
+    Parameters that are not Linear/LayerNorm (e.g. the SSM's A_logs, Ds) keep their own init.
+    """
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -77,3 +77,14 @@ def create(name: str, **overrides) -> nn.Module:
     model = build(preset_config(name), **overrides)
     model.eabench_meta["preset"] = name
     return model
+
+
+def model_in_channels(model: nn.Module) -> int:
+    """Channels a model takes: its preset meta ``in_channels``, else its first Conv2d's, else 3."""
+    meta = getattr(model, "eabench_meta", None) or {}
+    if meta.get("in_channels"):
+        return int(meta["in_channels"])
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return 3

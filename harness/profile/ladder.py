@@ -28,6 +28,7 @@ from harness.bench.timing import environment, hardware_caption
 from harness.profile.flops import count_flops, count_params
 from harness.profile.latency import measure_latency, resolve_model
 from harness.profile.memory import is_oom, peak_memory
+from harness.models.registry import model_in_channels
 
 MEASURES = ("latency", "memory", "flops")
 METRICS = {  # metric -> (column, axis label)
@@ -72,17 +73,6 @@ def _sizes(sizes: Iterable) -> list[tuple[int, int]]:
         h, w = (int(s), int(s)) if isinstance(s, (int, np.integer)) else (int(s[0]), int(s[1]))
         out.append((h, w))
     return out
-
-
-def input_channels(model: nn.Module) -> int:
-    """Channels the model takes: its meta ``in_channels``, else its first Conv2d's, else 3."""
-    meta = getattr(model, "eabench_meta", None) or {}
-    if meta.get("in_channels"):
-        return int(meta["in_channels"])
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return 3
 
 
 def available_memory_mb() -> float | None:
@@ -161,7 +151,7 @@ def resolution_ladder(presets_or_models, sizes: Sequence = (64, 128, 256, 512, 1
             model.eval()
             meta = getattr(model, "eabench_meta", None) or {}
             base = {"model": name, "family": meta.get("family"), "params": count_params(model)}
-            channels = in_channels or input_channels(model)
+            channels = in_channels or model_in_channels(model)
         except Exception as exc:  # a preset that does not build: one error row per size
             for h, w in _sizes(sizes):
                 row = {"model": name, "height": h, "width": w, "pixels": h * w, "device": str(device),
