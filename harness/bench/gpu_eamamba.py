@@ -5,15 +5,17 @@
         [--point-limit-s 20] [--no-checks] [--no-kernel] [--no-sweep]
 
 Paths (one model, one set of random weights; fp32 unless the name says otherwise):
-- ``fast``: triton scan backend + routes fused into the kernels + the whole forward captured
-  as one CUDA graph (inference) / the whole training step, AdamW included, captured (training);
+- ``fast``: triton scan backend + routes fused into the kernels (maps up to
+  ``scan_triton.FUSE_MAX_POSITIONS`` positions; larger ones materialise the permutations, which
+  measured faster there) + the whole forward captured as one CUDA graph (inference) / the
+  whole training step, AdamW included, captured (training);
 - ``fast_tf32``: ``fast`` with TF32 convolutions and matrix products allowed;
 - ``fast_bf16``: ``fast`` under bf16 autocast (the scan itself stays fp32);
-- ``fast_eager``: triton + fused routes, no graph;
+- ``fast_eager``: ``fast`` without the graph;
 - ``triton_unfused``: triton scan, permutations materialised;
 - ``release``: the released structure: permuted copies materialised (gather in, gather back) and
-  a plain per-channel scan (one program per channel over the whole sequence, no segments: what
-  mamba_ssm's kernel does at batch 1), in Triton;
+  a plain per-channel scan (one program per channel walking the whole sequence, no segments:
+  what mamba_ssm's kernel does at batch 1), in Triton;
 - ``torch``: our chunked ``torch`` backend (the GPU correctness oracle);
 - ``fast_compiled`` (with ``--compile``): ``fast`` with the model under
   ``torch.compile(dynamic=True)`` (one compilation for every size; the fused scan is a custom
@@ -95,6 +97,8 @@ def materialised_multi_route_scan(x, head_routes, merge, x_proj_weight, dt_projs
 def _dispatch(x, head_routes, merge, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend="auto"):
     mode = _ROUTE_MODE["mode"]
     args = (x, head_routes, merge, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
+    if mode == "auto":  # the dispatch proposed for multi_route_scan: fuse small maps only
+        mode = "fused" if st.can_fuse(x, backend) else "materialised"
     if mode == "fused":
         return st.fused_multi_route_scan(*args)
     if mode == "materialised":
@@ -106,7 +110,11 @@ eam.multi_route_scan = _dispatch  # MHSSM.forward looks the name up in its modul
 
 
 def _release_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    return st._forward(u, delta, A, B, C, D, delta_bias, delta_softplus, block_d=1, seg_tiles=1 << 30)
+    # one program per channel walking the whole sequence step by step, as mamba_ssm at batch 1
+    try:
+        return st._forward_step(u, delta, A, B, C, D, delta_bias, delta_softplus, seg_len=u.shape[-1], block_d=1)
+    except Exception:  # noqa: BLE001 (a compiler without the step kernel)
+        return st._forward_tile(u, delta, A, B, C, D, delta_bias, delta_softplus, block_d=1, seg_tiles=1 << 30)
 
 
 def _release_bwd(u, delta, A, B, C, D, delta_bias, delta_softplus, dy):
@@ -118,14 +126,14 @@ register_backend(ScanBackend("release_scan", _release_fwd, _release_bwd, st.is_a
 
 PATHS = {
     # name: (scan backend, route mode, graph, tf32, bf16)
-    "fast": ("triton", "fused", True, False, False),
-    "fast_tf32": ("triton", "fused", True, True, False),
-    "fast_bf16": ("triton", "fused", True, False, True),
-    "fast_eager": ("triton", "fused", False, False, False),
+    "fast": ("triton", "auto", True, False, False),
+    "fast_tf32": ("triton", "auto", True, True, False),
+    "fast_bf16": ("triton", "auto", True, False, True),
+    "fast_eager": ("triton", "auto", False, False, False),
     "triton_unfused": ("triton", "materialised", False, False, False),
     "release": ("release_scan", "materialised", False, False, False),
     "torch": ("torch", "model", False, False, False),
-    "fast_compiled": ("triton", "fused", True, False, False),  # + torch.compile(dynamic=True)
+    "fast_compiled": ("triton", "auto", True, False, False),  # + torch.compile(dynamic=True)
 }
 TRAIN_PATHS = ["fast", "fast_eager", "release", "torch"]
 
@@ -270,6 +278,8 @@ def phase_checks(args, device, model, log) -> list[dict]:
     rows = []
     shapes = [(2, 4, 1, 4, 1), (1, 8, 37, 4, 8), (2, 16, 1009, 16, 8), (1, 64, 4093, 16, 8),
               (1, 64, 65536, 16, 8), (2, 128, 4096, 16, 8), (1, 512, 1024, 16, 8), (1, 24, 3001, 3, 3)]
+    # (the first two: also in the CPU interpreter tests; every size is a run-time value, so the
+    # model's (d_state 16, 8 channels per block) variant is shared by most of these)
     if device.type != "cuda":
         shapes = shapes[:2]
     for shape in shapes:
@@ -330,7 +340,7 @@ def copy_bandwidth(device) -> float:
 def phase_kernel(args, device, log) -> list[dict]:
     rows = []
     g, n = 8, 16
-    shapes = [(1, 64, 256), (1, 128, 256), (1, 256, 64), (1, 512, 32), (1, 64, 1024), (8, 64, 128)]
+    shapes = [(1, 64, 256), (1, 128, 256), (1, 512, 32), (1, 64, 1024), (8, 64, 128)]
     if device.type != "cuda":
         shapes = [(1, 8, 8)]
     for b, d, side in shapes:
@@ -344,9 +354,11 @@ def phase_kernel(args, device, log) -> list[dict]:
         min_fwd = 4 * b * (3 * d * L + 2 * g * n * L)
         min_bwd = 4 * b * (5 * d * L + 4 * g * n * L)
         cfg = st._config(b, g, d // g, L, n, device, False)
-        design_fwd = min_fwd + (4 * b * (2 * d * L + g * n * L) if cfg["NSEG"] > 1 else 0)
+        step_nseg = st._step_segments(b, d, L, device)[1]
+        design_fwd = min_fwd + (4 * b * (2 * d * L + g * n * L) if step_nseg > 1 else 0)
         variants = {
             "triton fwd": lambda: st._forward(u, dl, A, B, C, D, bias, True),
+            "triton fwd (tile kernel)": lambda: st._forward_tile(u, dl, A, B, C, D, bias, True),
             "triton fwd, routed (all_around)": lambda: st._forward(u, dl, A, B, C, D, bias, True, idx=idx),
             "triton bwd": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy),
             "triton bwd, routed": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy, idx=idx),
@@ -357,7 +369,9 @@ def phase_kernel(args, device, log) -> list[dict]:
         }
         for name, fn in variants.items():
             row = dict(shape=f"b{b} d{d} L{side}^2 n{n} g{g}", variant=name,
-                       segments=1 if "per-channel" in name else (cfg["NSEG"] if "triton" in name else ""))
+                       segments=1 if "per-channel" in name else (
+                           step_nseg if name.startswith("triton fwd") and "tile" not in name and st.FORWARD_KERNEL == "step"
+                           else cfg["NSEG"] if "triton" in name else ""))
             if name == "torch fwd" and b * d * L > 64 * 65536 * 2:
                 row.update(ms=float("nan"), note="skipped (slow)")
                 rows.append(row)
@@ -560,6 +574,66 @@ def phase_training(args, device, base_model, log, deadline, inference_rows) -> l
     return rows
 
 
+# --- where the time goes --------------------------------------------------------------------------
+
+def profile_top(fn, device, top=14) -> list[dict]:
+    """GPU time per kernel name over one call of fn (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    agg: dict[str, list] = {}
+    for ev in prof.events():
+        if "CUDA" not in str(getattr(ev, "device_type", "")):
+            continue
+        entry = agg.setdefault(ev.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += ev.time_range.elapsed_us() / 1e3
+    rows = [dict(kernel=k, calls=c, ms=t) for k, (c, t) in agg.items()]
+    total = sum(r["ms"] for r in rows) or float("nan")
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows:
+        r["pct"] = 100 * r["ms"] / total
+    head = rows[:top]
+    head.append(dict(kernel=f"(all {len(rows)} kernels)", calls=sum(r["calls"] for r in rows), ms=total, pct=100.0))
+    return head
+
+
+def phase_profile(args, device, model, log) -> list[tuple[str, list[dict]]]:
+    out = []
+    if device.type != "cuda":
+        return out
+    for size in (256, 1024):
+        try:
+            x = torch.rand(1, 3, size, size, device=device)
+            with path_settings("fast_eager"), torch.no_grad():
+                model(x)
+                out.append((f"inference fast_eager 1x{size}^2", profile_top(lambda: model(x), device)))
+        except Exception as e:  # noqa: BLE001
+            out.append((f"inference 1x{size}^2", [dict(kernel=fail_text(e))]))
+    try:
+        m = copy.deepcopy(model).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        x = torch.rand(8, 3, 128, 128, device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.l1_loss(m(x), x).backward()
+            opt.step()
+
+        with path_settings("fast_eager"):
+            step()
+            out.append(("training step fast_eager 8x128^2", profile_top(step, device)))
+        del m, opt
+    except Exception as e:  # noqa: BLE001
+        out.append(("training 8x128^2", [dict(kernel=fail_text(e))]))
+    for title, rows in out:
+        log({"profile": title, "top": rows[:5]})
+    return out
+
+
 # --- phase 5: kernel settings sweep -------------------------------------------------------------
 
 def phase_sweep(args, device, log, deadline) -> list[dict]:
@@ -572,7 +646,7 @@ def phase_sweep(args, device, log, deadline) -> list[dict]:
                 dict(FWD_TILE_ELEMENTS=8192, FWD_WARPS=8), dict(MAX_BLOCK_D=4), dict(BWD_TILE_ELEMENTS=4096, BWD_WARPS=8),
                 dict(BWD_TILE_ELEMENTS=1024), dict(MAX_BLOCK_D=16, FWD_TILE_ELEMENTS=8192, FWD_WARPS=8)]
     g, n = 8, 16
-    for b, d, side in [(1, 64, 256), (1, 512, 32), (8, 64, 128)]:
+    for b, d, side in [(1, 64, 256), (8, 64, 128)]:
         L = side * side
         inp = {k: v.float() for k, v in scan_case(b, d, L, n, g, device, seed=9).items()}
         u, dl, A, B, C, D, bias, dy = (inp[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias", "z"))
@@ -815,6 +889,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-checks", action="store_true")
     parser.add_argument("--no-kernel", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--train-first", action="store_true", help="run the training phase before inference")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) + CUDA graph")
     parser.add_argument("--compile-deadline-s", type=float, default=560.0,
                         help="the compiled phase (a child process) is killed at this time since start")
@@ -826,6 +902,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -867,6 +945,10 @@ def main(argv=None) -> None:
                                      "design_MB", "TBps_design_bytes", "note"]), ""]
         save()
         print(md[-2], flush=True)
+    train_rows = None
+    if args.train_first:
+        train_rows = phase_training(args, device, model, log, deadline, [])
+        write_csv(out / "training.csv", train_rows)
     refs: dict = {}
     inf_rows = phase_inference(args, device, model, log, deadline, args.paths, args.sizes, refs)
     write_csv(out / "inference.csv", inf_rows)
@@ -876,8 +958,13 @@ def main(argv=None) -> None:
            markdown_table(inf_rows, ["size", "path", "ms", "reps", "peak_MB", "max_rel_diff", "diff_vs", "first_call_s", "note"]), ""]
     save()
     print(md[-6], flush=True)
-    train_rows = phase_training(args, device, model, log, deadline, inf_rows)
-    write_csv(out / "training.csv", train_rows)
+    if not args.no_profile and time.time() < deadline:
+        for title, rows in phase_profile(args, device, model, log):
+            md += [f"## GPU time by kernel: {title}", "", markdown_table(rows, ["kernel", "calls", "ms", "pct"]), ""]
+        save()
+    if train_rows is None:
+        train_rows = phase_training(args, device, model, log, deadline, inf_rows)
+        write_csv(out / "training.csv", train_rows)
     md += ["## Training step (forward + backward + AdamW, L1 loss, fp32)", "",
            markdown_table(train_rows, ["batch", "size", "path", "ms", "reps", "images_per_s", "peak_MB", "first_call_s", "note"]), ""]
     save()
