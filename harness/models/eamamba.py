@@ -27,6 +27,11 @@ from harness.models.routes import resolve_directions, route_indices
 from harness.models.unet import RestormerUNet
 from harness.ops import selective_scan
 
+try:  # fused-route Triton kernels (CUDA); None where Triton cannot load
+    from harness.ops import scan_triton as _scan_triton
+except Exception:  # noqa: BLE001
+    _scan_triton = None
+
 MERGES = ("concat", "add")
 
 
@@ -48,6 +53,10 @@ def multi_route_scan(
     Projection shapes: x_proj_weight (K, R + 2N, d), dt_projs_weight (K, d, R),
     dt_projs_bias (K, d), A_logs (K·d, N), Ds (K·d), with d = D/K (concat) or D (add).
     """
+    if _scan_triton is not None and _scan_triton.can_fuse(x, backend):
+        # Reads and writes through each head's route index: no permuted copies (same result).
+        return _scan_triton.fused_multi_route_scan(x, head_routes, merge, x_proj_weight, dt_projs_weight,
+                                                   dt_projs_bias, A_logs, Ds)
     b, D, h, w = x.shape
     L = h * w
     K, _, d = x_proj_weight.shape

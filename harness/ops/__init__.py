@@ -10,6 +10,11 @@ from harness.ops.selective_scan import (
     use_backend,
 )
 
+try:  # Triton backend + fused routes; registers "triton" (unavailable without CUDA/Triton)
+    from harness.ops import scan_triton  # noqa: F401
+except Exception:  # noqa: BLE001 - an optional GPU path must never break CPU-only imports
+    scan_triton = None
+
 __all__ = [
     "ScanBackend",
     "SelectiveScanFn",

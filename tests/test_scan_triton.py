@@ -1,0 +1,229 @@
+"""The Triton selective scan and fused multi-route scan, run on CPU by Triton's interpreter.
+
+The kernels' logic (segments, carries, reverse adjoint, gradients, route indices, atomic add
+merge) is checked against the float64 sequential reference at small, awkward sizes. The
+interpreter must be switched on before Triton is imported, so the checks run in one child
+process with ``TRITON_INTERPRET=1``; it prints one JSON line of relative errors, which the
+tests below read. On a GPU the same kernels are checked by ``harness.bench.gpu_eamamba``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32_TOL = 1e-5
+FP64_TOL = 1e-12
+
+# (batch, channels, L, d_state, groups, overrides): L = 1, primes, g = 1 and g = 8 (one channel
+# per group), n = 16 with two channel blocks per group (partial dB/dC sums), several segments.
+SCAN_CASES = {
+    "L1_g1": ((2, 4, 1, 4, 1), {}),
+    "L37_g8_segments": ((1, 8, 37, 4, 8), dict(block_t=8, seg_tiles=1)),
+    "L53_n16_two_blocks": ((1, 16, 53, 16, 2), dict(block_d=4, block_t=8, seg_tiles=2)),
+    "L29_n3_g1_default": ((2, 4, 29, 3, 1), {}),
+    "per_channel_one_segment": ((1, 4, 23, 2, 2), dict(block_d=1, block_t=8, seg_tiles=99)),
+    # the step-sequential forward kernel (segments of 5 or 7 steps, 4-step unroll with a tail)
+    "step_L37_g8_segments": ((1, 8, 37, 4, 8), dict(step_seg_len=5, block_t=8, seg_tiles=1)),
+    "step_L53_n16_blocks_of_4": ((1, 16, 53, 16, 2), dict(step_seg_len=7, step_block_d=4, block_t=16)),
+}
+
+
+def _rel(ours, ref) -> float:
+    ref = ref.double()
+    denom = ref.norm().item()
+    diff = (ours.double() - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def _scan_inputs(b, d, L, n, g):
+    """float64 inputs at EAMamba's scales (softplus(Δ) ≈ 0.05, A = -(1..n) · random)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(b * 1000 + d * 100 + L + n + g)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    A = -torch.arange(1, n + 1, dtype=torch.float64).repeat(d, 1) * (0.5 + torch.rand(d, 1, generator=gen,
+                                                                                       dtype=torch.float64))
+    inp = dict(u=r(b, d, L), delta=r(b, d, L) * 0.5 - 3.0, A=A, B=r(b, g, n, L), C=r(b, g, n, L), D=r(d),
+               delta_bias=r(d) * 0.3)
+    return inp
+
+
+def _check_scan(shape, overrides, dtype_name="float32", softplus=True):
+    """Max relative error of y and of every gradient, kernel (dtype) vs float64 reference."""
+    import torch
+
+    from harness.ops import scan_triton
+    from harness.ops.scan_reference import selective_scan_reference
+
+    dtype = getattr(torch, dtype_name)
+    inp = _scan_inputs(*shape)
+    if not softplus:
+        inp["delta"] = inp["delta"].abs() * 0.05 + 1e-3
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    y = selective_scan_reference(*(leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")), softplus)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    args = [inp[k].to(dtype).contiguous() for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
+    overrides = dict(overrides)
+    step = {k[len("step_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("step_")}
+    if step:
+        y2 = scan_triton._forward_step(*args, softplus, **step)
+    else:
+        y2 = scan_triton._forward(*args, softplus, **overrides)  # overrides select the tile kernel
+    g2 = scan_triton._backward(*args, softplus, dy.to(dtype), **overrides)
+    errs = {"y": _rel(y2, y.detach())}
+    for name, ours, ref in zip(leaves, g2, grads):
+        errs["d" + name] = _rel(ours, ref)
+    return errs
+
+
+def _check_dispatcher():
+    """selective_scan(backend='triton') with the z gate and ungrouped B/C, vs the reference."""
+    import torch
+
+    from harness.ops import scan_backends, scan_triton, selective_scan  # noqa: F401 (registers triton)
+
+    inp = _scan_inputs(1, 8, 19, 4, 1)
+    z = torch.randn(1, 8, 19, dtype=torch.float64)
+    out = {}
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        leaves = {k: v.detach().to(dtype).clone().requires_grad_() for k, v in inp.items()}
+        zz = z.detach().to(dtype).clone().requires_grad_()
+        y = selective_scan(leaves["u"], leaves["delta"], leaves["A"], leaves["B"][:, 0], leaves["C"][:, 0],
+                           D=leaves["D"], z=zz, delta_bias=leaves["delta_bias"], delta_softplus=True,
+                           backend=backend)
+        y.backward(torch.ones_like(y))
+        out[backend] = [y.detach()] + [leaves[k].grad for k in leaves] + [zz.grad]
+    errs = {f"t{i}": _rel(a, b) for i, (a, b) in enumerate(zip(out["triton"], out["reference"]))}
+    errs["listed"] = 0.0 if "triton" in scan_backends() else 1.0
+    return errs
+
+
+def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2):
+    """fused_multi_route_scan (float32) vs multi_route_scan on the reference backend (float64)."""
+    import torch
+
+    from harness.models.eamamba import init_ssm_parameters, multi_route_scan
+    from harness.models.routes import resolve_directions
+    from harness.ops import scan_triton
+
+    torch.manual_seed(heads * 100 + dim + h * w)
+    names = resolve_directions(routes)
+    head_routes = tuple(names[i % len(names)] for i in range(heads))
+    d = dim if merge == "add" else dim // heads
+    params = init_ssm_parameters(heads, d, dt_rank, d_state)
+    params["Ds"] = torch.randn(heads * d)  # not all ones: D's gradient is then informative
+    params["A_logs"] = params["A_logs"] + 0.1 * torch.randn_like(params["A_logs"])
+    x = torch.randn(2, dim, h, w)
+    order = ["x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"]
+    results = {}
+    for kind, dtype in (("reference", torch.float64), ("fused", torch.float32)):
+        xx = x.detach().to(dtype).clone().requires_grad_()
+        ps = [params[k].detach().to(dtype).clone().requires_grad_() for k in order]
+        if kind == "fused":
+            y = scan_triton.fused_multi_route_scan(xx, head_routes, merge, *ps)
+        else:
+            y = multi_route_scan(xx, head_routes, merge, *ps, backend="reference")
+        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
+        y.backward(gy)
+        results[kind] = [y.detach(), xx.grad] + [p.grad for p in ps]
+    labels = ["y", "dx"] + ["d" + k for k in order]
+    return {lab: _rel(a, b) for lab, a, b in zip(labels, results["fused"], results["reference"])}
+
+
+def _check_assoc_scan_path():
+    """The GPU path's tl.associative_scan (forward and reverse) on a tiny tile."""
+    from harness.ops import scan_triton
+
+    scan_triton.ASSOC_SCAN_IN_INTERPRETER = True
+    try:
+        return _check_scan((1, 2, 11, 2, 1), dict(block_t=4, seg_tiles=1))
+    finally:
+        scan_triton.ASSOC_SCAN_IN_INTERPRETER = False
+
+
+def run_checks(which: list[str]) -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    out = {}
+    for name in which:
+        if name in SCAN_CASES:
+            shape, ov = SCAN_CASES[name]
+            out[name] = _check_scan(shape, ov)
+        elif name == "no_softplus_fp64":
+            out[name] = _check_scan((1, 4, 21, 3, 2), dict(block_t=8, seg_tiles=1), "float64", softplus=False)
+        elif name == "dispatcher":
+            out[name] = _check_dispatcher()
+        elif name == "fused_concat_all_around_5x7":
+            out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7)
+        elif name == "fused_concat_16heads_4x6":
+            out[name] = _check_fused("cross", "concat", 16, 16, 4, 6)
+        elif name == "fused_add_cross_5x7":
+            out[name] = _check_fused("cross", "add", 4, 4, 5, 7)
+        elif name == "assoc_scan_path":
+            out[name] = _check_assoc_scan_path()
+        else:
+            raise KeyError(name)
+    return out
+
+
+FAST = list(SCAN_CASES) + ["no_softplus_fp64", "dispatcher", "fused_concat_all_around_5x7", "fused_add_cross_5x7"]
+SLOW = ["fused_concat_16heads_4x6", "assoc_scan_path"]
+
+
+def _run_in_interpreter(which: list[str]) -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, *which], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreter checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fast_results():
+    return _run_in_interpreter(FAST)
+
+
+def _tolerance(case: str) -> float:
+    return FP64_TOL if "fp64" in case else FP32_TOL
+
+
+@pytest.mark.parametrize("case", FAST)
+def test_interpreted_kernels_match_float64_reference(fast_results, case):
+    errs = fast_results[case]
+    bad = {k: v for k, v in errs.items() if not v <= _tolerance(case)}  # NaN fails too
+    assert not bad, (case, errs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW)
+def test_interpreted_kernels_slow_cases(case):
+    errs = _run_in_interpreter([case])[case]
+    bad = {k: v for k, v in errs.items() if not v <= FP32_TOL}
+    assert not bad, (case, errs)
+
+
+def test_backend_reports_unavailable_without_gpu_or_interpreter():
+    # In this (non-interpreted) process the backend must not claim CPU tensors.
+    pytest.importorskip("triton")
+    import torch
+
+    from harness.ops import scan_triton
+
+    if scan_triton.INTERPRET:
+        pytest.skip("this process runs the interpreter")
+    assert not scan_triton.supports(torch.device("cpu"))
+    assert scan_triton.is_available() == torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(run_checks(sys.argv[1:])))
