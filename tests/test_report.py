@@ -50,3 +50,21 @@ def test_report_files_tables_and_seed_statistics(tmp_path):
     report = (out / "report.md").read_text()
     assert "**failed** `model=c,seed=0`: RuntimeError: boom" in report
     assert (out / "figures" / "psnr_vs_gflops.png").stat().st_size > 1000
+
+
+def test_erf_grid_and_area_columns(tmp_path):
+    import numpy as np
+
+    store = Store(tmp_path / "store")
+    for name, width in (("narrow", 2.0), ("wide", 8.0)):
+        yy, xx = np.mgrid[-16:16, -16:16]
+        erf_map = np.exp(-(xx ** 2 + yy ** 2) / (2 * width ** 2))
+        np.save(tmp_path / f"{name}.npy", erf_map)
+        rec = _record(name, 0, [30.0, 31.0, 32.0])
+        rec["erf"] = {"files": {"npy": str(tmp_path / f"{name}.npy")}, "scaling": "power0.25",
+                      "area_ratios": {"0.5": 0.01 if name == "narrow" else 0.1}}
+        store.put(rec)
+    out = write_report(tmp_path / "store", "rep", tmp_path / "rep")
+    assert (out / "figures" / "erf_grid.png").stat().st_size > 1000
+    assert "ERF area ratio @0.5" in (out / "table.md").read_text()
+    assert "erf_grid.png" in (out / "report.md").read_text()

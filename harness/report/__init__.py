@@ -31,7 +31,7 @@ METRIC_COLS = ("psnr", "ssim", "lpips")
 def _swept_columns(df: pd.DataFrame) -> list[str]:
     """Columns that came from a run's overrides (e.g. ``model.heads``), in first-seen order."""
     known = set(IDENTITY) | set(COST) | set(METRIC_COLS) | {"run", "train_s", "error", "psnr_delta"}
-    return [c for c in df.columns if c not in known]
+    return [c for c in df.columns if c not in known and not c.startswith("erf_area@")]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -55,6 +55,8 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
             table[m.upper() if m != "lpips" else "LPIPS"] = df[m]
     if "latency_ms" in df and df["latency_ms"].notna().any():
         table["latency (ms)"] = df["latency_ms"]
+    for c in [c for c in df.columns if c.startswith("erf_area@")]:
+        table[c.replace("erf_area@", "ERF area ratio @")] = df[c]
     if "psnr_delta" in df:
         table["ΔPSNR vs ref [95% CI]"] = df["psnr_delta"]
     if "official_params" in df:
@@ -195,6 +197,24 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
     return out
 
 
+def _erf_figure(records: list[dict], fig_dir: Path, caption: str) -> list[tuple[str, str]]:
+    """One grid of the runs' ERF maps on one colour scale, from the saved raw maps."""
+    from harness.erf import erf_grid
+
+    maps, scaling = {}, "power0.25"
+    for r in records:
+        erf = r.get("erf") or {}
+        path = (erf.get("files") or {}).get("npy")
+        if r.get("status") == "ok" and path and Path(path).is_file():
+            maps[str(r.get("run_name"))] = np.load(path)
+            scaling = erf.get("scaling", scaling)
+    if not maps:
+        return []
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    erf_grid(maps, fig_dir / "erf_grid.png", scaling, caption=caption)
+    return [("erf_grid.png", f"Effective receptive fields (display scaling {scaling}, each map / its max).")]
+
+
 def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, reference: str | None = None) -> Path:
     """Render ``reports/<experiment>/`` from the store; returns the report directory."""
     store = Store(store_dir)
@@ -213,7 +233,7 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
     table = results_table(df)
     (out / "table.md").write_text(to_markdown(table))
     (out / "table.tex").write_text(to_latex(table, caption))
-    figures = _figures(df, out / "figures", caption)
+    figures = _figures(df, out / "figures", caption) + _erf_figure(records, out / "figures", caption)
     seeds = seed_summary(df, records)
     if seeds is not None:
         (out / "table_seeds.md").write_text(to_markdown(seeds))
