@@ -78,7 +78,7 @@ def test_parallel_writers_lose_nothing(tmp_path):
 
 def _sweep_cmd(tmp_path, launcher=()):
     return [sys.executable, "run.py", "-m", "experiment=single", "model=dncnn_tiny", "seed=0,1,2,3",
-            "train=quick", "train.iters=30", "train.ckpt_every=5", "train.batch_size=2", "train.patch_size=32",
+            "train=quick", "train.iters=300", "train.ckpt_every=5", "train.batch_size=2", "train.patch_size=32",
             "eval.metrics=[psnr]", "data.test.crop=48", "profile.flops=false", "progress=false",
             f"report_dir={tmp_path}/rep", f"hydra.sweep.dir={tmp_path}/ms", *launcher]
 
@@ -96,13 +96,13 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, sig):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     records = tmp_path / "store" / "records"
     deadline = time.time() + 300
-    # Wait until one run is complete and the next has written a checkpoint, then interrupt.
+    # Wait until one run is complete and another is mid-training (a checkpoint, no record), then interrupt.
     while time.time() < deadline:
-        done = len(list(records.glob("*.json"))) if records.exists() else 0
-        ckpts = list((tmp_path / "runs").glob("*/last.pt")) if (tmp_path / "runs").exists() else []
-        if done >= 1 and len(ckpts) >= 2:
+        done = {p.stem for p in records.glob("*.json")} if records.exists() else set()
+        ckpts = {p.parent.name for p in (tmp_path / "runs").glob("*/last.pt")} if (tmp_path / "runs").exists() else set()
+        if done and ckpts - done:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(proc.pid, sig)
     proc.wait(timeout=60)
     before = {p.stem for p in records.glob("*.json")}
@@ -122,7 +122,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, sig):
 def test_joblib_launcher_parallel_jobs(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     cmd = _sweep_cmd(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4"])
-    cmd[cmd.index("train.iters=30")] = "train.iters=4"
+    cmd[cmd.index("train.iters=300")] = "train.iters=4"
     res = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     recs = Store(tmp_path / "store").records("single")
@@ -140,7 +140,7 @@ def test_cluster_launchers_locally(tmp_path, launcher, plugin):
     pytest.importorskip(plugin)
     cmd = _sweep_cmd(tmp_path, launcher)
     cmd[cmd.index("seed=0,1,2,3")] = "seed=0,1"
-    cmd[cmd.index("train.iters=30")] = "train.iters=2"
+    cmd[cmd.index("train.iters=300")] = "train.iters=2"
     res = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     recs = Store(tmp_path / "store").records("single")
