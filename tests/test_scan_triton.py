@@ -106,8 +106,9 @@ def _check_dispatcher():
     return errs
 
 
-def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2):
-    """fused_multi_route_scan (float32) vs multi_route_scan on the reference backend (float64)."""
+def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="tile", channels_last=False):
+    """fused_multi_route_scan (float32, forward ``kernel``, x optionally a channels_last map) vs
+    multi_route_scan on the reference backend (float64)."""
     import torch
 
     from harness.models.eamamba import init_ssm_parameters, multi_route_scan
@@ -128,7 +129,13 @@ def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2):
         xx = x.detach().to(dtype).clone().requires_grad_()
         ps = [params[k].detach().to(dtype).clone().requires_grad_() for k in order]
         if kind == "fused":
-            y = scan_triton.fused_multi_route_scan(xx, head_routes, merge, *ps)
+            saved = scan_triton.FORWARD_KERNEL
+            scan_triton.FORWARD_KERNEL = kernel
+            try:
+                xin = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
+                y = scan_triton.fused_multi_route_scan(xin, head_routes, merge, *ps)
+            finally:
+                scan_triton.FORWARD_KERNEL = saved
         else:
             y = multi_route_scan(xx, head_routes, merge, *ps, backend="reference")
         gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
@@ -136,6 +143,25 @@ def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2):
         results[kind] = [y.detach(), xx.grad] + [p.grad for p in ps]
     labels = ["y", "dx"] + ["d" + k for k in order]
     return {lab: _rel(a, b) for lab, a, b in zip(labels, results["fused"], results["reference"])}
+
+
+def _check_step_channels_last():
+    """The step kernel on channels-last views (the layout the fused path gives it), writing y
+    into a channels-last ``out``: several segments, a block of 4 channels over 2 groups."""
+    import torch
+
+    from harness.ops import scan_triton
+    from harness.ops.scan_reference import selective_scan_reference
+
+    inp = _scan_inputs(2, 8, 41, 4, 2)
+    y = selective_scan_reference(*(inp[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")), True)
+    f = {k: v.float() for k, v in inp.items()}
+    cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  (b, L, c) memory
+    cl4 = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731  (b, L, g, n) memory
+    out = torch.empty(2, 41, 8).transpose(1, 2)
+    y2 = scan_triton._forward_step(cl3(f["u"]), cl3(f["delta"]), f["A"], cl4(f["B"]), cl4(f["C"]), f["D"],
+                                   f["delta_bias"], True, seg_len=6, block_d=4, out=out)
+    return {"y": _rel(y2, y), "wrote_out": 0.0 if y2.data_ptr() == out.data_ptr() else 1.0}
 
 
 def _check_assoc_scan_path():
@@ -166,6 +192,12 @@ def run_checks(which: list[str]) -> dict:
             out[name] = _check_fused("cross", "concat", 16, 16, 4, 6)
         elif name == "fused_add_cross_5x7":
             out[name] = _check_fused("cross", "add", 4, 4, 5, 7)
+        elif name == "fused_step_concat_all_around_5x7_channels_last":
+            out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7, kernel="step", channels_last=True)
+        elif name == "fused_step_add_cross_5x7":
+            out[name] = _check_fused("cross", "add", 4, 4, 5, 7, kernel="step")
+        elif name == "step_channels_last_views":
+            out[name] = _check_step_channels_last()
         elif name == "assoc_scan_path":
             out[name] = _check_assoc_scan_path()
         else:
@@ -173,7 +205,9 @@ def run_checks(which: list[str]) -> dict:
     return out
 
 
-FAST = list(SCAN_CASES) + ["no_softplus_fp64", "dispatcher", "fused_concat_all_around_5x7", "fused_add_cross_5x7"]
+FAST = list(SCAN_CASES) + ["no_softplus_fp64", "dispatcher", "fused_concat_all_around_5x7", "fused_add_cross_5x7",
+                           "fused_step_concat_all_around_5x7_channels_last", "fused_step_add_cross_5x7",
+                           "step_channels_last_views"]
 SLOW = ["fused_concat_16heads_4x6", "assoc_scan_path"]
 
 

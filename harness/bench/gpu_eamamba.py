@@ -5,13 +5,16 @@
         [--point-limit-s 20] [--no-checks] [--no-kernel] [--no-sweep]
 
 Paths (one model, one set of random weights; fp32 unless the name says otherwise):
-- ``fast``: triton scan backend + routes fused into the kernels (maps up to
-  ``scan_triton.FUSE_MAX_POSITIONS`` positions; larger ones materialise the permutations, which
-  measured faster there) + the whole forward captured as one CUDA graph (inference) / the
-  whole training step, AdamW included, captured (training);
-- ``fast_tf32``: ``fast`` with TF32 convolutions and matrix products allowed;
-- ``fast_bf16``: ``fast`` under bf16 autocast (the scan itself stays fp32);
-- ``fast_eager``: ``fast`` without the graph;
+- ``fast``: triton scan backend with its default forward kernel (the step kernel), routes fused
+  into the kernels on channels-last activations at every size, + the whole forward captured as
+  one CUDA graph (inference) / the whole training step, AdamW included, captured (training);
+- ``fast_eager``: the same without the graph; ``fast_cl``: ``fast`` with the model and input in
+  the channels_last memory format;
+- ``fast_default``: ``fast`` at PyTorch's default precision (TF32 in cuDNN convolutions, not in
+  matrix products: how the release's timings were taken); ``release_default``: its reference;
+- ``fast_tf32``: TF32 convolutions and matrix products; ``fast_bf16``: bf16 autocast (the scan
+  itself stays fp32);
+- ``tile_fused``: the tile forward kernel, routes fused up to 2¹⁷ positions (the first version);
 - ``triton_unfused``: triton scan, permutations materialised;
 - ``release``: the released structure: permuted copies materialised (gather in, gather back) and
   a plain per-channel scan (one program per channel walking the whole sequence, no segments:
@@ -20,7 +23,8 @@ Paths (one model, one set of random weights; fp32 unless the name says otherwise
 - ``fast_compiled`` (with ``--compile``): ``fast`` with the model under
   ``torch.compile(dynamic=True)`` (one compilation for every size; the fused scan is a custom
   operator, so the graph has no break), then captured as a CUDA graph.
-TF32 is off everywhere except ``fast_tf32`` (PyTorch's default would use it in convolutions).
+TF32 is off everywhere except the ``*_default`` and ``fast_tf32`` paths. Output differences are
+taken against the torch/release path of the same precision.
 
 Phases, each written to OUT as soon as it ends (a run cut short still leaves its tables):
 1. checks: the triton scan (forward and every gradient) against the torch backend in float64,
@@ -124,31 +128,45 @@ def _release_bwd(u, delta, A, B, C, D, delta_bias, delta_softplus, dy):
 register_backend(ScanBackend("release_scan", _release_fwd, _release_bwd, st.is_available, st.supports))
 
 PATHS = {
-    # name: (scan backend, route mode, graph, tf32, bf16)
-    "fast": ("triton", "auto", True, False, False),
-    "fast_tf32": ("triton", "auto", True, True, False),
-    "fast_bf16": ("triton", "auto", True, False, True),
-    "fast_eager": ("triton", "auto", False, False, False),
-    "triton_unfused": ("triton", "materialised", False, False, False),
-    "release": ("release_scan", "materialised", False, False, False),
-    "torch": ("torch", "model", False, False, False),
-    "fast_compiled": ("triton", "auto", True, False, False),  # + torch.compile(dynamic=True)
+    # name: (scan backend, route mode, graph, precision, bf16, forward kernel, largest fused map,
+    #        channels_last model and input). precision: "strict" (no TF32 anywhere), "default"
+    #        (PyTorch's defaults: TF32 in cuDNN convolutions, not in matrix products), "tf32" (both).
+    "fast": ("triton", "auto", True, "strict", False, None, None, False),
+    "fast_eager": ("triton", "auto", False, "strict", False, None, None, False),
+    "fast_cl": ("triton", "auto", True, "strict", False, None, None, True),
+    "fast_default": ("triton", "auto", True, "default", False, None, None, False),
+    "fast_tf32": ("triton", "auto", True, "tf32", False, None, None, False),
+    "fast_bf16": ("triton", "auto", True, "strict", True, None, None, False),
+    "tile_fused": ("triton", "auto", True, "strict", False, "tile", 1 << 17, False),
+    "triton_unfused": ("triton", "materialised", False, "strict", False, None, None, False),
+    "release": ("release_scan", "materialised", False, "strict", False, "tile", None, False),
+    "release_default": ("release_scan", "materialised", False, "default", False, "tile", None, False),
+    "torch": ("torch", "model", False, "strict", False, None, None, False),
+    "fast_compiled": ("triton", "auto", True, "strict", False, None, None, False),  # + torch.compile(dynamic=True)
 }
-TRAIN_PATHS = ["fast", "fast_eager", "release", "torch"]
+TRAIN_PATHS = ["fast", "fast_eager", "fast_default", "tile_fused", "release", "release_default", "torch"]
+PRECISIONS = {"strict": (False, False), "default": (False, True), "tf32": (True, True)}  # (matmul, cudnn)
+
+
+def memory_format(path: str):
+    return torch.channels_last if PATHS[path][7] else torch.contiguous_format
 
 
 @contextlib.contextmanager
 def path_settings(name: str):
-    backend, mode, _graph, tf32, _bf16 = PATHS[name]
-    old = (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    backend, mode, _graph, precision, _bf16, kernel, fuse_max, _cl = PATHS[name]
+    old = (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+           st.FORWARD_KERNEL, st.FUSE_MAX_POSITIONS)
     _ROUTE_MODE["mode"] = mode
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = PRECISIONS[precision]
+    st.FORWARD_KERNEL = kernel or st.FORWARD_KERNEL
+    st.FUSE_MAX_POSITIONS = fuse_max or st.FUSE_MAX_POSITIONS
     try:
         with use_backend(backend):
             yield
     finally:
-        _ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         st.FORWARD_KERNEL, st.FUSE_MAX_POSITIONS) = old
 
 
 def autocast_ctx(name: str, device):
@@ -264,9 +282,9 @@ def check_fused(routes, merge, heads, dim, h, w, device, b=2, d_state=16, dt_ran
 
 
 def model_outputs_and_grads(model, x, target, path, device, dtype=torch.float32):
-    m = copy.deepcopy(model).to(device=device, dtype=dtype).train()
+    m = copy.deepcopy(model).to(device=device, dtype=dtype).train().to(memory_format=memory_format(path))
     with path_settings(path):
-        out = m(x.to(dtype))
+        out = m(x.to(dtype).contiguous(memory_format=memory_format(path)))
         loss = F.l1_loss(out, target.to(dtype))
         loss.backward()
     grads = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
@@ -281,27 +299,34 @@ def phase_checks(args, device, model, log) -> list[dict]:
     # model's (d_state 16, 8 channels per block) variant is shared by most of these)
     if device.type != "cuda":
         shapes = shapes[:2]
-    for shape in shapes:
+    saved_kernel = st.FORWARD_KERNEL
+    for kernel, shape in [(k, s) for k in ("tile", "step") for s in shapes]:
+        st.FORWARD_KERNEL = kernel
         try:
             errs = check_scan(shape, device)
-            rows.append(dict(check=f"scan b{shape[0]} d{shape[1]} L{shape[2]} n{shape[3]} g{shape[4]}",
+            rows.append(dict(check=f"scan ({kernel} fwd) b{shape[0]} d{shape[1]} L{shape[2]} n{shape[3]} g{shape[4]}",
                              max_rel=max(errs.values()), tol=1e-5, detail=json.dumps({k: f"{v:.1e}" for k, v in errs.items()})))
         except Exception as e:  # noqa: BLE001
-            rows.append(dict(check=f"scan {shape}", max_rel=float("nan"), tol=1e-5, detail=fail_text(e)))
+            rows.append(dict(check=f"scan ({kernel} fwd) {shape}", max_rel=float("nan"), tol=1e-5, detail=fail_text(e)))
             traceback.print_exc()
+        finally:
+            st.FORWARD_KERNEL = saved_kernel
         log(rows[-1])
     fused_cases = [("all_around", "concat", 8, 64, 48, 40), ("cross", "add", 4, 16, 24, 20),
                    ("all_around", "concat", 16, 32, 17, 13)]
     if device.type != "cuda":
         fused_cases = [("all_around", "concat", 8, 16, 5, 7)]
-    for case in fused_cases:
+    for kernel, case in [(k, c) for k in ("tile", "step") for c in fused_cases]:
+        st.FORWARD_KERNEL = kernel
         try:
             errs = check_fused(*case, device=device)
-            rows.append(dict(check=f"fused {case[1]} {case[0]} heads{case[2]} D{case[3]} {case[4]}x{case[5]}",
+            rows.append(dict(check=f"fused ({kernel} fwd) {case[1]} {case[0]} heads{case[2]} D{case[3]} {case[4]}x{case[5]}",
                              max_rel=max(errs.values()), tol=1e-5, detail=json.dumps({k: f"{v:.1e}" for k, v in errs.items()})))
         except Exception as e:  # noqa: BLE001
-            rows.append(dict(check=f"fused {case}", max_rel=float("nan"), tol=1e-5, detail=fail_text(e)))
+            rows.append(dict(check=f"fused ({kernel} fwd) {case}", max_rel=float("nan"), tol=1e-5, detail=fail_text(e)))
             traceback.print_exc()
+        finally:
+            st.FORWARD_KERNEL = saved_kernel
         log(rows[-1])
     # whole model: outputs and all parameter gradients vs a float64 torch-backend model
     size = 64 if device.type == "cuda" else 8
@@ -356,10 +381,18 @@ def phase_kernel(args, device, log) -> list[dict]:
         step_nseg = st._step_segments(b, d, L, device)[1]
         nseg_default = step_nseg if st.FORWARD_KERNEL == "step" else cfg["NSEG"]
         design_fwd = min_fwd + (4 * b * (2 * d * L + g * n * L) if nseg_default > 1 else 0)
+        cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+        cl4 = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731
+        u_cl, dl_cl, B_cl, C_cl = cl3(u), cl3(dl), cl4(B), cl4(C)
+        out_cl = torch.empty(b, L, d, device=device).transpose(1, 2)
         variants = {
-            "triton fwd": lambda: st._forward(u, dl, A, B, C, D, bias, True),
+            "triton fwd": lambda: st._forward_tile(u, dl, A, B, C, D, bias, True),
             "triton fwd (step kernel)": lambda: st._forward_step(u, dl, A, B, C, D, bias, True),
-            "triton fwd, routed (all_around)": lambda: st._forward(u, dl, A, B, C, D, bias, True, idx=idx),
+            "step kernel, channels-last": lambda: st._forward_step(u_cl, dl_cl, A, B_cl, C_cl, D, bias, True,
+                                                                   out=out_cl),
+            "step kernel, channels-last, routed": lambda: st._forward_step(u_cl, dl_cl, A, B_cl, C_cl, D, bias, True,
+                                                                           idx=idx, out=out_cl),
+            "triton fwd, routed (all_around)": lambda: st._forward_tile(u, dl, A, B, C, D, bias, True, idx=idx),
             "triton bwd": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy),
             "triton bwd, routed": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy, idx=idx),
             "per-channel fwd (release-style)": lambda: _release_fwd(u, dl, A, B, C, D, bias, True),
@@ -370,7 +403,7 @@ def phase_kernel(args, device, log) -> list[dict]:
         for name, fn in variants.items():
             row = dict(shape=f"b{b} d{d} L{side}^2 n{n} g{g}", variant=name,
                        segments=1 if "per-channel" in name else (
-                           step_nseg if "step" in name or (name.startswith("triton fwd") and st.FORWARD_KERNEL == "step")
+                           step_nseg if "step" in name
                            else cfg["NSEG"] if "triton" in name else ""))
             if name == "torch fwd" and b * d * L > 64 * 65536 * 2:
                 row.update(ms=float("nan"), note="skipped (slow)")
@@ -392,7 +425,7 @@ def phase_kernel(args, device, log) -> list[dict]:
                 traceback.print_exc()
             rows.append(row)
             log(row)
-        del inp, u, dl, A, B, C, D, bias, dy
+        del inp, u, dl, A, B, C, D, bias, dy, u_cl, dl_cl, B_cl, C_cl, out_cl
         reset_peak(device)
     return rows
 
@@ -414,7 +447,8 @@ def capture_inference(model, x, name, device):
     return graph, static_y
 
 
-INFERENCE_ORDER = ["torch", "release", "triton_unfused", "fast_eager", "fast", "fast_tf32", "fast_bf16"]
+INFERENCE_ORDER = ["torch", "release", "release_default", "triton_unfused", "tile_fused", "fast_eager", "fast",
+                   "fast_cl", "fast_default", "fast_tf32", "fast_bf16"]
 
 
 def phase_inference(args, device, model, log, deadline, order, sizes, refs, models=None) -> list[dict]:
@@ -429,6 +463,9 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
         x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)).to(device)
         for path in order:
             net = models.get(path, model)
+            if PATHS[path][7]:
+                net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+            xin = x.contiguous(memory_format=memory_format(path))
             row = dict(size=size, path=path)
             est = None
             if path in last_ms:
@@ -446,10 +483,10 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
                         reset_peak(device)
                         t0 = time.perf_counter()
                         if PATHS[path][2]:
-                            graph, static_y = capture_inference(net, x, path, device)
+                            graph, static_y = capture_inference(net, xin, path, device)
                             fn = graph.replay
                         else:
-                            def fn(x=x, path=path, net=net):
+                            def fn(x=xin, path=path, net=net):
                                 with torch.no_grad(), autocast_ctx(path, device):
                                     return net(x)
                             static_y = fn()
@@ -461,11 +498,14 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
                         else:
                             ms, reps = timed(fn, device, min_reps=3, max_reps=20, target_s=1.0)
                         y = static_y.float()
-                        if size not in refs and path in ("torch", "release"):
-                            refs[size] = (path, y.cpu())
-                        elif size in refs and refs[size][0] != path:
-                            row["max_rel_diff"] = rel(y.cpu(), refs[size][1])
-                            row["diff_vs"] = refs[size][0]
+                        # the reference of a path: the first torch/release output at its size and
+                        # precision (strict-fp32 references also serve the bf16 path)
+                        key = size if PATHS[path][3] == "strict" else (size, PATHS[path][3])
+                        if key not in refs and path.startswith(("torch", "release")):
+                            refs[key] = (path, y.cpu())
+                        elif key in refs and refs[key][0] != path:
+                            row["max_rel_diff"] = rel(y.cpu(), refs[key][1])
+                            row["diff_vs"] = refs[key][0]
                         row.update(ms=ms, reps=reps, peak_MB=mem, first_call_s=first_s)
                         last_ms[path] = (size, ms)
                         if PATHS[path][2]:
@@ -533,7 +573,8 @@ def phase_training(args, device, base_model, log, deadline, inference_rows) -> l
             else:
                 try:
                     with path_settings(path):
-                        model = copy.deepcopy(base_model).to(device).train()
+                        model = copy.deepcopy(base_model).to(device).train().to(memory_format=memory_format(path))
+                        x, t = x.contiguous(memory_format=memory_format(path)), t.contiguous(memory_format=memory_format(path))
                         graph_mode = PATHS[path][2]
                         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph_mode)
                         reset_peak(device)
@@ -605,27 +646,30 @@ def phase_profile(args, device, model, log) -> list[tuple[str, list[dict]]]:
     out = []
     if device.type != "cuda":
         return out
+    path = args.profile_path
+    fmt_ = memory_format(path)
+    net = copy.deepcopy(model).to(memory_format=fmt_)
     for size in (256, 1024):
         try:
-            x = torch.rand(1, 3, size, size, device=device)
-            with path_settings("fast_eager"), torch.no_grad():
-                model(x)
-                out.append((f"inference fast_eager 1x{size}^2", profile_top(lambda: model(x), device)))
+            x = torch.rand(1, 3, size, size, device=device).contiguous(memory_format=fmt_)
+            with path_settings(path), torch.no_grad():
+                net(x)
+                out.append((f"inference {path} 1x{size}^2", profile_top(lambda: net(x), device)))
         except Exception as e:  # noqa: BLE001
             out.append((f"inference 1x{size}^2", [dict(kernel=fail_text(e))]))
     try:
-        m = copy.deepcopy(model).train()
+        m = copy.deepcopy(net).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        x = torch.rand(8, 3, 128, 128, device=device)
+        x = torch.rand(8, 3, 128, 128, device=device).contiguous(memory_format=fmt_)
 
         def step():
             opt.zero_grad(set_to_none=True)
             F.l1_loss(m(x), x).backward()
             opt.step()
 
-        with path_settings("fast_eager"):
+        with path_settings(path):
             step()
-            out.append(("training step fast_eager 8x128^2", profile_top(step, device)))
+            out.append((f"training step {path} 8x128^2", profile_top(step, device)))
         del m, opt
     except Exception as e:  # noqa: BLE001
         out.append(("training 8x128^2", [dict(kernel=fail_text(e))]))
@@ -636,6 +680,50 @@ def phase_profile(args, device, model, log) -> list[tuple[str, list[dict]]]:
 
 # --- phase 5: kernel settings sweep -------------------------------------------------------------
 
+def sweep_step_kernel(device, log, deadline) -> list[dict]:
+    """The step kernel's knobs on channels-last, routed inputs at the model's level-1 shapes."""
+    rows = []
+    knobs = ("STEP_UNROLL", "STEP_WARPS", "STEP_WARPS_PER_SM", "STEP_MIN_SEGMENT", "CARRY_BLOCK_S")
+    default = {k: getattr(st, k) for k in knobs}
+    settings = [{}, dict(STEP_UNROLL=2), dict(STEP_UNROLL=8), dict(STEP_WARPS=2), dict(STEP_WARPS=4),
+                dict(STEP_WARPS_PER_SM=16), dict(STEP_WARPS_PER_SM=64), dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16),
+                dict(STEP_WARPS_PER_SM=128, STEP_MIN_SEGMENT=16), dict(CARRY_BLOCK_S=32)]
+    g, n = 8, 16
+    for b, d, side in [(1, 64, 256), (1, 64, 1024), (8, 64, 128), (1, 512, 32)]:
+        L = side * side
+        inp = {k: v.float() for k, v in scan_case(b, d, L, n, g, device, seed=9).items()}
+        u, dl, A, B, C, D, bias = (inp[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
+        u = u.transpose(1, 2).contiguous().transpose(1, 2)
+        dl = dl.transpose(1, 2).contiguous().transpose(1, 2)
+        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        out = torch.empty(b, L, d, device=device).transpose(1, 2)
+        idx = st.route_index(tuple(ROUTE_SETS["all_around"]), side, side, device)
+        for s in settings:
+            if time.time() > deadline:
+                break
+            for k, v in s.items():
+                setattr(st, k, v)
+            row = dict(shape=f"b{b} d{d} L{side}^2", setting="step " + (json.dumps(s) if s else "default"),
+                       segments=st._step_segments(b, d, L, device)[1])
+            try:
+                with torch.no_grad():
+                    f = lambda: st._forward_step(u, dl, A, B, C, D, bias, True, idx=idx, out=out)  # noqa: E731
+                    f()
+                    sync(device)
+                    row["fwd_routed_ms"], _ = timed(f, device, min_reps=3, max_reps=20, target_s=0.2)
+            except Exception as e:  # noqa: BLE001
+                row["note"] = fail_text(e)
+            finally:
+                for k, v in default.items():
+                    setattr(st, k, v)
+            rows.append(row)
+            log(row)
+        del inp, u, dl, A, B, C, D, bias, out
+        reset_peak(device)
+    return rows
+
+
 def phase_sweep(args, device, log, deadline) -> list[dict]:
     rows = []
     if device.type != "cuda":
@@ -645,6 +733,7 @@ def phase_sweep(args, device, log, deadline) -> list[dict]:
     settings = [{}, dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=8), dict(FWD_TILE_ELEMENTS=2048),
                 dict(FWD_TILE_ELEMENTS=8192, FWD_WARPS=8), dict(MAX_BLOCK_D=4), dict(BWD_TILE_ELEMENTS=4096, BWD_WARPS=8),
                 dict(BWD_TILE_ELEMENTS=1024), dict(MAX_BLOCK_D=16, FWD_TILE_ELEMENTS=8192, FWD_WARPS=8)]
+    rows += sweep_step_kernel(device, log, deadline)
     g, n = 8, 16
     for b, d, side in [(1, 64, 256), (8, 64, 128)]:
         L = side * side
@@ -797,13 +886,14 @@ def inference_pivot(rows) -> tuple[list[dict], list[str]]:
         fast_ms = rel_.get("ms", float("nan"))
         rl = next((r for r in rows if r["size"] == size and r["path"] == "release"), {})
         line["speed-up fast vs release"] = (rl.get("ms", float("nan")) / fast_ms) if fast_ms == fast_ms else float("nan")
-        diffs = [r.get("max_rel_diff", float("nan")) for r in rows
-                 if r["size"] == size and r["path"] in ("fast", "fast_eager", "triton_unfused", "release", "fast_compiled")
-                 and r.get("diff_vs") == "torch"]
-        line["max rel diff strict-fp32 paths vs torch"] = max(diffs) if diffs else float("nan")
+        diffs = [r["max_rel_diff"] for r in rows if r["size"] == size and "max_rel_diff" in r
+                 and PATHS[r["path"]][3] == "strict" and not PATHS[r["path"]][4]]
+        line["max rel diff, strict-fp32 paths"] = max(diffs) if diffs else float("nan")
+        dflt = next((r for r in rows if r["size"] == size and r["path"] == "fast_default"), {})
+        line["rel diff fast_default vs release_default"] = dflt.get("max_rel_diff", float("nan"))
         table.append(line)
-    cols = ["size"] + [c for p in paths for c in (f"{p} ms", f"{p} MB")] + ["speed-up fast vs release",
-                                                                            "max rel diff strict-fp32 paths vs torch"]
+    cols = ["size"] + [c for p in paths for c in (f"{p} ms", f"{p} MB")] + [
+        "speed-up fast vs release", "max rel diff, strict-fp32 paths", "rel diff fast_default vs release_default"]
     return table, cols
 
 
@@ -889,6 +979,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-kernel", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-path", default="fast_eager", choices=[p for p in PATHS if not PATHS[p][2]],
+                        help="the (eager) path whose kernels are profiled")
     parser.add_argument("--train-first", action="store_true", help="run the training phase before inference")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) + CUDA graph")
     parser.add_argument("--compile-deadline-s", type=float, default=560.0,
@@ -913,7 +1005,7 @@ def main(argv=None) -> None:
         return
     command = "python -m harness.bench.gpu_eamamba " + " ".join(sys.argv[1:] if argv is None else argv)
     env = env_info(device)
-    env["cudnn_tf32_default"] = cudnn_tf32_default  # this run sets TF32 per path (off unless fast_tf32)
+    env["cudnn_tf32_default"] = cudnn_tf32_default  # this run sets TF32 per path (see PATHS)
     print("environment:", json.dumps(env), flush=True)
 
     def log(row):

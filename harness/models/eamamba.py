@@ -182,7 +182,10 @@ class MHSSM(nn.Module):
             xin, z = xz.chunk(2, dim=-1)
         else:
             xin, z = xz, None
-        xin = xin.permute(0, 3, 1, 2).contiguous()  # (B, d_inner, H, W)
+        xin = xin.permute(0, 3, 1, 2)  # (B, d_inner, H, W)
+        # The fused GPU scan works channels-last: keep the map in that memory format from here on.
+        fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(xin, self.scan_backend)
+        xin = xin.contiguous(memory_format=torch.channels_last if fused else torch.contiguous_format)
         if self.conv_2d:
             xin = F.silu(self.conv(xin))
         else:  # causal depthwise conv along the raster sequence

@@ -26,13 +26,15 @@ of group k reads and writes position ``idx[k, t]`` of raster-ordered tensors, so
 copies of the multi-route scan and their inverses are never materialised. For the ``add`` merge
 the K routes' outputs (and input gradients) are accumulated with atomic adds.
 
-A second forward kernel (``FORWARD_KERNEL = "step"``) walks the steps one at a time with the
-state in registers, as mamba_ssm does; on an H200 it measured slower than the tiles (see the
-constant), so it is kept as an option, tested, and off by default.
+A second forward kernel (``FORWARD_KERNEL = "step"``) walks the steps one at a time with one
+thread per channel holding all of that channel's states in registers, so neither the recurrence
+nor the sum over states needs any communication between threads; its strides are run-time
+arguments, and the fused multi-route scan feeds it channels-last tensors (one contiguous run of
+channels per step and route group). Its segments are joined by the same two-pass scheme, with
+the chain of pass 2 done by associative scans over blocks of segments.
 
-The projections in ``fused_multi_route_scan`` compute their weight gradients as partial
-products over chunks of the sequence (``_HeadProjection``): as one matrix product (einsum's
-backward) the reduction over B·L ran on a handful of blocks, 119 ms of a 8×128² training step.
+The projections in ``fused_multi_route_scan`` are dense matrix products with block-diagonal
+weights on channels-last activations, so nothing around the scan is transposed or copied.
 
 ``TRITON_INTERPRET=1`` (set before this module is imported) runs the same kernels on CPU tensors,
 which is how the tests check their logic without a GPU.
@@ -65,17 +67,19 @@ PROGRAMS_PER_SM = 4
 MAX_SEGMENTS = 512
 FWD_WARPS = 4
 BWD_WARPS = 4
-# Forward pass: "tile" (associative scans over tiles of steps, as the backward pass) or "step"
-# (one step per loop iteration, state in registers, as mamba_ssm). Measured on an H200 (Triton
-# 3.6), batch 1, d 64, 256²: tile 0.62 ms, step 0.95 ms (routed: 0.96 vs 2.58 ms); the step
-# kernel is latency-bound at these occupancies, so tiles are the default.
-FORWARD_KERNEL = "tile"
-SEQ_BLOCK_D = 8
-SEQ_WARPS = 1
-SEQ_UNROLL = 4
-SEQ_PROGRAMS_PER_SM = 8
-SEQ_MAX_SEGMENTS = 128
-SEQ_MIN_SEGMENT = 64
+# Forward pass: "step" (one step per loop iteration, one thread per channel with its states in
+# registers) or "tile" (associative scans over tiles of steps, as the backward pass). Measured on
+# an H200 (b1 d64 256², all_around routes, fp32): step 0.37 ms channels-last (0.47 channel-major),
+# tile 0.95 ms; at 1024² 4.2 ms against 20 ms.
+FORWARD_KERNEL = "step"
+STEP_WARPS = 1  # the step kernel's warps per program: BD = 32 · STEP_WARPS channels
+STEP_UNROLL = 4
+STEP_WARPS_PER_SM = 32  # segments are cut until about this many warps per multiprocessor
+STEP_MAX_SEGMENTS = 4096
+STEP_MIN_SEGMENT = 32
+CARRY_BLOCK_S = 64  # segments per associative scan in the segment carry
+CARRY_BLOCK_M = 32
+CARRY_WARPS = 4
 # The interpreter runs tl.associative_scan element by element (minutes for a small tile); the
 # kernels use an equivalent step loop there unless this is set (tests set it for tiny tiles).
 ASSOC_SCAN_IN_INTERPRETER = False
@@ -351,50 +355,67 @@ if triton is not None:
             tl.store(out_ptr + off1, carry, mask=m_dn & ok1)
             carry = e1 + p1 * carry
 
-    @triton.jit(do_not_specialize=["L", "U_CH", "NCH", "G", "DG", "N", "NCB", "SEG_LEN", "NSEG"])
-    def _fwd_seq_kernel(
+    _STEP_RUNTIME = ["L", "U_CH", "NCH", "DG", "N", "NSEG", "SEG_LEN",
+                     "su_b", "su_c", "su_l", "sd_b", "sd_c", "sd_l", "sB_b", "sB_g", "sB_l",
+                     "sC_b", "sC_g", "sC_l", "sy_b", "sy_c", "sy_l"]
+
+    @triton.jit(do_not_specialize=_STEP_RUNTIME)
+    def _fwd_step_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, idx_ptr, y_ptr, hin_ptr, end_ptr, prod_ptr,
-        L, U_CH, NCH, G, DG, N, NCB, SEG_LEN, NSEG,
+        L, U_CH, NCH, DG, N, NSEG, SEG_LEN,
+        su_b, su_c, su_l, sd_b, sd_c, sd_l, sB_b, sB_g, sB_l, sC_b, sC_g, sC_l, sy_b, sy_c, sy_l,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CARRY: tl.constexpr, END_ONLY: tl.constexpr,
         BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
     ):
-        """Forward, one step at a time: each thread keeps its (channel, state) values of x in
-        registers and walks the segment's steps in order (as mamba_ssm's kernel does), UNROLL
-        steps per iteration so that their loads are in flight together.
+        """Forward, one step at a time, one thread per channel holding all its states.
 
-        Program = (batch, block of BD channels, segment). END_ONLY: pass 1 (zero start; end
-        state and decay product). Otherwise pass 3 (start from hin if HAS_CARRY; write y).
+        The (states × channels) tile puts channels across lanes and states inside each thread,
+        so the recurrence and y_t = Σ_n C_t,n x_t,n need no communication between threads, and
+        the loads of u, Δ and y are one element per thread per step (contiguous across the warp
+        when the tensors are channels-last: their strides are run-time arguments). B and C must
+        have unit stride along the states (channels-last, (b, L, g, n) in memory). Offsets
+        inside one batch item are 32-bit (the launcher checks the sizes), which keeps the
+        register count down. UNROLL steps per iteration keep their loads in flight together;
+        the chain between steps is one multiply-add per state.
+
+        Program = (block of BD channels, segment, batch). END_ONLY: pass 1 (zero start; the
+        segment's end state and decay product). Otherwise pass 3 (start from hin if HAS_CARRY;
+        write y). Segment states are laid out (batch, segment, state, channel).
         """
-        pid = tl.program_id(0)
+        cb = tl.program_id(0)
         seg = tl.program_id(1)
-        bi = pid // NCB
-        cb = pid % NCB
+        bi = tl.program_id(2).to(tl.int64)
         ch = cb * BD + tl.arange(0, BD)
         ch_ok = ch < NCH
         grp = ch // DG
-        ch64 = ch.to(tl.int64)
-        uch64 = (ch % U_CH).to(tl.int64)
+        uch = ch % U_CH
         offs_n = tl.arange(0, BN)
         n_ok = offs_n < N
-        m_dn = ch_ok[:, None] & n_ok[None, :]
-        A = tl.load(A_ptr + ch64[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
-        A2 = A * 1.4426950408889634
+        m_nd = n_ok[:, None] & ch_ok[None, :]
+        # (states × channels), channels across lanes (see the hint on B below)
+        A = tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs_n[:, None], [1, BD]), mask=m_nd, other=0.0)
+        A2 = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
         if HAS_D:
             Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
-        bi64 = bi.to(tl.int64)
-        u_rows = u_ptr + (bi64 * U_CH + uch64) * L
-        y_rows = y_ptr + (bi64 * U_CH + uch64) * L
-        dt_rows = dt_ptr + (bi64 * NCH + ch64) * L
-        bc_rows = ((bi64 * G + grp.to(tl.int64))[:, None] * N + offs_n[None, :]) * L  # (BD, BN)
-        idx_rows = idx_ptr + grp.to(tl.int64) * L
-        state_off = ((bi64 * NCH + ch64)[:, None] * NSEG + seg) * N + offs_n[None, :]
+        u_base = u_ptr + bi * su_b
+        y_base = y_ptr + bi * sy_b
+        dt_base = dt_ptr + bi * sd_b
+        B_base = B_ptr + bi * sB_b
+        C_base = C_ptr + bi * sC_b
+        u_off = uch * su_c  # (BD,) int32
+        y_off = uch * sy_c
+        dt_off = ch * sd_c
+        B_off = grp[None, :] * sB_g + offs_n[:, None]  # (BN, BD)
+        C_off = grp[None, :] * sC_g + offs_n[:, None]
+        idx_rows = idx_ptr + grp * L
+        state_off = ((bi * NSEG + seg) * N + offs_n[:, None]) * NCH + ch[None, :]
         if HAS_CARRY:
-            h = tl.load(hin_ptr + state_off, mask=m_dn, other=0.0)
+            h = tl.load(tl.max_contiguous(hin_ptr + state_off, [1, BD]), mask=m_nd, other=0.0)
         else:
-            h = tl.zeros((BD, BN), dtype=A.dtype)
+            h = tl.zeros((BN, BD), dtype=A.dtype)
         dsum = tl.zeros((BD,), dtype=A.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
@@ -403,30 +424,70 @@ if triton is not None:
                 t = t0 + j
                 ok = ch_ok & (t < t_end)
                 if ROUTED:
-                    pos = tl.load(idx_rows + t, mask=ok, other=0).to(tl.int64)
+                    pos = tl.load(idx_rows + t, mask=ok, other=0)
                 else:
-                    pos = t.to(tl.int64) + tl.zeros((BD,), dtype=tl.int64)
-                raw = tl.load(dt_rows + pos, mask=ok, other=0.0)
+                    pos = t + tl.zeros((BD,), dtype=tl.int32)
+                raw = tl.load(dt_base + (dt_off + pos * sd_l), mask=ok, other=0.0)
                 if HAS_BIAS:
                     raw = raw + bias
                 dlt = tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
-                uu = tl.load(u_rows + pos, mask=ok, other=0.0)
-                Bv = tl.load(B_ptr + bc_rows + pos[:, None], mask=ok[:, None] & n_ok[None, :], other=0.0)
-                h = tl.exp2(dlt[:, None] * A2) * h + (dlt * uu)[:, None] * Bv
+                uu = tl.load(u_base + (u_off + pos * su_l), mask=ok, other=0.0)
+                m2 = n_ok[:, None] & ok[None, :]
+                # Tell the compiler to lay channels across lanes (its coalescing analysis would
+                # otherwise put the states there): the strides are run-time values, so no
+                # vector access is derived from this.
+                Bv = tl.load(tl.max_contiguous(B_base + (B_off + (pos * sB_l)[None, :]), [1, BD]), mask=m2, other=0.0)
+                h = tl.exp2(dlt[None, :] * A2) * h + (dlt * uu)[None, :] * Bv
                 if END_ONLY:
                     dsum += dlt
                 else:
-                    Cv = tl.load(C_ptr + bc_rows + pos[:, None], mask=ok[:, None] & n_ok[None, :], other=0.0)
-                    y = tl.sum(h * Cv, axis=1)
+                    Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
+                                 other=0.0)
+                    y = tl.sum(h * Cv, axis=0)
                     if HAS_D:
                         y = y + Dv * uu
                     if ACCUM:
-                        tl.atomic_add(y_rows + pos, y, mask=ok)
+                        tl.atomic_add(y_base + (y_off + pos * sy_l), y, mask=ok)
                     else:
-                        tl.store(y_rows + pos, y, mask=ok)
+                        tl.store(y_base + (y_off + pos * sy_l), y, mask=ok)
         if END_ONLY:
-            tl.store(end_ptr + state_off, h, mask=m_dn)
-            tl.store(prod_ptr + state_off, tl.exp2(dsum[:, None] * A2), mask=m_dn)
+            tl.store(tl.max_contiguous(end_ptr + state_off, [1, BD]), h, mask=m_nd)
+            tl.store(tl.max_contiguous(prod_ptr + state_off, [1, BD]), tl.exp2(dsum[None, :] * A2), mask=m_nd)
+
+    @triton.jit(do_not_specialize=["NSEG", "M"])
+    def _segment_carry_kernel(end_ptr, prod_ptr, out_ptr, NSEG, M, BS: tl.constexpr, BM: tl.constexpr,
+                              SEQ: tl.constexpr):
+        """Pass 2 for segment states laid out (batch, segment, M) with M = states × channels:
+        out[s] = the state entering segment s, i.e. the chain carry_{s+1} = end_s + prod_s carry_s
+        from carry_0 = 0, by associative scans over BS segments at a time (the loads of a block do
+        not wait on the chain). Program = (block of BM state-channel pairs, batch)."""
+        mb = tl.program_id(0)
+        bi = tl.program_id(1).to(tl.int64)
+        offs_m = mb * BM + tl.arange(0, BM)
+        m_ok = offs_m < M
+        base = bi * NSEG * M + offs_m[None, :]
+        carry = tl.zeros((BM,), dtype=end_ptr.dtype.element_ty)
+        s_loc = tl.arange(0, BS)
+        for s0 in range(0, NSEG, BS):
+            s = s0 + s_loc
+            s_ok = s < NSEG
+            msk = s_ok[:, None] & m_ok[None, :]
+            off = base + s.to(tl.int64)[:, None] * M
+            e = tl.load(end_ptr + off, mask=msk, other=0.0)
+            p = tl.load(prod_ptr + off, mask=msk, other=1.0)
+            if SEQ:  # the interpreter: the same chain, one segment at a time
+                for k in tl.static_range(BS):
+                    sel = (s_loc == k)[:, None]
+                    tl.store(out_ptr + off, tl.broadcast_to(carry[None, :], (BS, BM)), mask=msk & sel)
+                    carry = tl.sum(tl.where(sel, e, 0.0), axis=0) + tl.sum(tl.where(sel, p, 0.0), axis=0) * carry
+            else:
+                P, X = tl.associative_scan((p, e), 0, _combine)
+                X = X + P * carry[None, :]  # state after segment s
+                # entering s + 1 = after s; entering the block's first segment = the old carry
+                tl.store(out_ptr + off + M, X, mask=msk & (s < NSEG - 1)[:, None])
+                tl.store(out_ptr + off, tl.broadcast_to(carry[None, :], (BS, BM)),
+                         mask=msk & (s_loc == 0)[:, None])
+                carry = tl.sum(tl.where((s_loc == BS - 1)[:, None], X, 0.0), axis=0)
 
     @triton.jit(do_not_specialize=_RUNTIME_INTS)
     def _bwd_kernel(
@@ -587,49 +648,70 @@ def _grid0(b, G, cfg):
 # --- launchers ------------------------------------------------------------------------------
 
 def _step_segments(b: int, NCH: int, L: int, device, seg_len: int | None = None, block_d: int | None = None):
-    """(steps per segment, segments) of the step kernel: enough programs to fill the GPU."""
+    """(steps per segment, segments) of the step kernel: enough warps to fill the GPU."""
+    BD = block_d or 32 * STEP_WARPS
     if seg_len is None:
-        programs = b * -(-NCH // (block_d or SEQ_BLOCK_D))
-        want = max(1, -(-SEQ_PROGRAMS_PER_SM * _sm_count(device) // programs))
-        want = min(want, SEQ_MAX_SEGMENTS, max(1, L // SEQ_MIN_SEGMENT))
+        warps = b * -(-NCH // BD) * max(1, BD // 32)
+        want = max(1, -(-STEP_WARPS_PER_SM * _sm_count(device) // warps))
+        want = min(want, STEP_MAX_SEGMENTS, max(1, L // STEP_MIN_SEGMENT))
         seg_len = -(-L // want)
     seg_len = max(1, int(seg_len))
     return seg_len, -(-L // seg_len)
 
 
 def _forward_step(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumulate=False, seg_len=None,
-                  block_d=None):
-    """``_forward`` with the step-sequential kernel."""
+                  block_d=None, out=None):
+    """``_forward`` with the step kernel. Every tensor may have any strides (channels-last views
+    read and write coalesced); ``out`` (b, U_CH, L), any strides, receives y when given."""
     b, U_CH, L = u.shape
     NCH, N = A.shape
     G = B.shape[1]
     DG = NCH // G
-    BD = block_d or SEQ_BLOCK_D
+    BD = block_d or 32 * STEP_WARPS
     BN = _next_pow2(N)
     ncb = -(-NCH // BD)
     seg_len, nseg = _step_segments(b, NCH, L, u.device, seg_len, BD)
-    y = (torch.zeros if accumulate else torch.empty)(b, U_CH, L, device=u.device, dtype=u.dtype)
+    if out is None:
+        y = (torch.zeros if accumulate else torch.empty)(b, U_CH, L, device=u.device, dtype=u.dtype)
+    else:
+        y = out.zero_() if accumulate else out
     if L == 0:
         return y
-    common = dict(L=L, U_CH=U_CH, NCH=NCH, G=G, DG=DG, N=N, NCB=ncb, SEG_LEN=seg_len, NSEG=nseg)
+    strides = dict(zip(("su_b", "su_c", "su_l"), u.stride())) | dict(zip(("sd_b", "sd_c", "sd_l"), delta.stride()))
+    if B.stride(2) != 1 or C.stride(2) != 1:  # the kernel wants (b, L, g, n) in memory
+        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    for t in (u, delta, B, C, y):
+        if max((s - 1) * st for s, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+            raise ValueError(f"selective scan (step kernel): one batch item of a {tuple(t.shape)} tensor "
+                             f"spans 2^31 elements or more")
+    if b * nseg * N * NCH >= 2 ** 31:
+        raise ValueError("selective scan (step kernel): too many segment states for 32-bit offsets")
+    strides |= dict(zip(("sB_b", "sB_g", "sB_l"), B.stride()[:2] + B.stride()[3:]))
+    strides |= dict(zip(("sC_b", "sC_g", "sC_l"), C.stride()[:2] + C.stride()[3:]))
+    strides |= dict(zip(("sy_b", "sy_c", "sy_l"), y.stride()))
+    common = dict(L=L, U_CH=U_CH, NCH=NCH, DG=DG, N=N, NSEG=nseg, SEG_LEN=seg_len, **strides)
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-                 ROUTED=idx is not None, BD=BD, BN=BN, UNROLL=SEQ_UNROLL)
+                 ROUTED=idx is not None, BD=BD, BN=BN, UNROLL=STEP_UNROLL)
+    warps = max(1, min(BD // 32, 8)) if BD >= 32 else 1
     Dp = D if D is not None else A
     bp = delta_bias if delta_bias is not None else A
     ip = idx if idx is not None else u
     hin = u
-    grid = (b * ncb, nseg)
+    grid = (ncb, nseg, b)
     if nseg > 1:
-        end = torch.empty(b, NCH, nseg, N, device=u.device, dtype=u.dtype)
+        end = torch.empty(b, nseg, N, NCH, device=u.device, dtype=u.dtype)
         prod = torch.empty_like(end)
-        _fwd_seq_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, u, end, prod, **common, **flags,
-                              ACCUM=False, HAS_CARRY=False, END_ONLY=True, num_warps=SEQ_WARPS)
+        _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, u, end, prod, **common, **flags,
+                               ACCUM=False, HAS_CARRY=False, END_ONLY=True, num_warps=warps)
         hin = torch.empty_like(end)
-        # the chain's layout is (b, channel, segment, state): one "group" of all NCH channels
-        _carry_kernel[(b * ncb,)](end, prod, hin, NCH, 1, NCH, N, ncb, nseg, NCH,
-                                  REVERSE=False, BD=BD, BN=BN, num_warps=1)
-    _fwd_seq_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, hin, u, u, **common, **flags,
-                          ACCUM=bool(accumulate), HAS_CARRY=nseg > 1, END_ONLY=False, num_warps=SEQ_WARPS)
+        M = N * NCH
+        BS = 8 if INTERPRET else CARRY_BLOCK_S
+        BM = min(CARRY_BLOCK_M, _next_pow2(M))
+        _segment_carry_kernel[(-(-M // BM), b)](end, prod, hin, nseg, M, BS=BS, BM=BM, SEQ=INTERPRET,
+                                                num_warps=CARRY_WARPS)
+    _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, hin, u, u, **common, **flags,
+                           ACCUM=bool(accumulate), HAS_CARRY=nseg > 1, END_ONLY=False, num_warps=warps)
     return y
 
 
@@ -810,15 +892,26 @@ Tensor = torch.Tensor
 
 def _route_scan_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
                      routes: str, height: int, width: int, accumulate: bool) -> Tensor:
+    """y of the routed scan, returned channels-last: (b, L, U_CH). Inputs may have any strides."""
     idx = route_index(tuple(routes.split(",")), height, width, u.device)
-    return _forward(u, delta, A, B, C, D, delta_bias, True, idx=idx, accumulate=accumulate)
+    b, U, L = u.shape
+    if FORWARD_KERNEL == "step":
+        out = torch.empty(b, L, U, device=u.device, dtype=u.dtype)
+        _forward_step(u, delta, A, B, C, D, delta_bias, True, idx=idx, accumulate=accumulate, out=out.transpose(1, 2))
+        return out
+    y = _forward_tile(u.contiguous(), delta.contiguous(), A, B.contiguous(), C.contiguous(), D, delta_bias, True,
+                      idx=idx, accumulate=accumulate)
+    return y.transpose(1, 2).contiguous()
 
 
 def _route_scan_bwd_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
                          dy: Tensor, routes: str, height: int, width: int, accumulate: bool
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``_route_scan_impl`` (dy is (b, L, U_CH)); the backward kernels read
+    channel-major copies."""
     idx = route_index(tuple(routes.split(",")), height, width, u.device)
-    return _backward(u, delta, A, B, C, D, delta_bias, True, dy.contiguous(), idx=idx, accumulate=accumulate)
+    return _backward(u.contiguous(), delta.contiguous(), A, B.contiguous(), C.contiguous(), D, delta_bias, True,
+                     dy.transpose(1, 2).contiguous(), idx=idx, accumulate=accumulate)
 
 
 # A custom operator (opaque to torch.compile, so a compiled model keeps the kernels and takes no
@@ -829,7 +922,7 @@ _route_scan_bwd = torch.library.custom_op("eabench::route_scan_bwd", mutates_arg
 
 @_route_scan.register_fake
 def _(u, delta, A, B, C, D, delta_bias, routes, height, width, accumulate):
-    return u.new_empty(u.shape)
+    return u.new_empty((u.shape[0], u.shape[2], u.shape[1]))
 
 
 @_route_scan_bwd.register_fake
@@ -852,55 +945,6 @@ def _route_scan_backward(ctx, dy):
 _route_scan.register_autograd(_route_scan_backward, setup_context=_route_scan_setup)
 
 
-@functools.lru_cache(maxsize=256)
-def _split_length(L: int) -> int:
-    """A divisor of L near 2048: the chunk length of the split-K weight gradients."""
-    for c in range(min(L, 2048), 0, -1):
-        if L % c == 0 and (c >= 256 or c == L or L // c <= 4096):
-            return c
-    return L
-
-
-class _HeadProjection(torch.autograd.Function):
-    """y[b, k, c, l] = Σ_d W[k, c, d] x[b, k', d, l] with k' = k, or k' = 0 for x shared by heads.
-
-    The same as einsum("bkdl,kcd->bkcl"), but the weight gradient (a reduction over B·L) is
-    computed as many partial products over chunks of L and then summed: as one matrix product
-    it has tiny output tiles and an enormous reduction, which cuBLAS runs on a few blocks.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W):
-        ctx.save_for_backward(x, W)
-        if x.shape[1] == W.shape[0]:
-            return torch.einsum("bkdl,kcd->bkcl", x, W)
-        return torch.einsum("bdl,kcd->bkcl", x[:, 0], W)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, W = ctx.saved_tensors
-        b, K, c, L = dy.shape
-        shared = x.shape[1] != K
-        dx = dW = None
-        if ctx.needs_input_grad[0]:
-            if shared:
-                dx = torch.einsum("bkcl,kcd->bdl", dy, W).unsqueeze(1)
-            else:
-                dx = torch.einsum("bkcl,kcd->bkdl", dy, W)
-        if ctx.needs_input_grad[1]:
-            lc = _split_length(L)
-            S = L // lc
-            d = x.shape[2]
-            dy5 = dy.reshape(b, K, c, S, lc).transpose(2, 3)  # (b, K, S, c, lc)
-            x5 = x.reshape(b, x.shape[1], d, S, lc).permute(0, 1, 3, 4, 2)  # (b, K|1, S, lc, d)
-            dW = torch.matmul(dy5, x5).sum((0, 2))  # (K, c, d)
-        return dx, dW
-
-
-def _head_projection(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    return _HeadProjection.apply(x, W)
-
-
 def fused_multi_route_scan(
     x: torch.Tensor,
     head_routes: tuple[str, ...],
@@ -913,13 +957,16 @@ def fused_multi_route_scan(
 ) -> torch.Tensor:
     """``harness.models.eamamba.multi_route_scan`` with the routes fused into the scan kernels.
 
-    The projections are computed in raster order (they act position by position, so they
-    commute with the permutations); the scan then reads x, Δ, B, C and writes y through each
-    head's route index. Returns (B, D, H·W) in x's dtype, differentiable in every input.
+    Everything stays channels-last ((B, L, channels) in memory; x is read without a copy when it
+    is a channels_last map): the per-head projections are two dense matrix products with
+    block-diagonal weights (one GEMM each instead of K small ones and their transposes; they
+    act position by position, so they commute with the permutations), and the scan reads x, Δ,
+    B, C and writes y through each head's route index. Returns (B, D, H·W) in x's dtype, a
+    transposed view of channels-last memory, differentiable in every input.
     """
     b, D, h, w = x.shape
     L = h * w
-    K, _, d = x_proj_weight.shape
+    K, c, d = x_proj_weight.shape
     R = dt_projs_weight.shape[-1]
     N = A_logs.shape[-1]
     if merge not in ("concat", "add"):
@@ -928,35 +975,39 @@ def fused_multi_route_scan(
         raise ValueError(f"{len(head_routes)} head routes for {K} heads")
     if any("," in r for r in head_routes):
         raise ValueError(f"route names cannot contain ',': {head_routes}")
-    flat = x.reshape(b, D, L)
-    heads_in = flat.view(b, K, d, L) if merge == "concat" else flat.view(b, 1, D, L)
-    x_dbl = _head_projection(heads_in, x_proj_weight)  # (B, K, R + 2N, L)
-    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-    dts = _head_projection(dts, dt_projs_weight)  # (B, K, d, L), raster order
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    def prep(t):
-        return t.to(work).contiguous()
-
+    x_cl = x.permute(0, 2, 3, 1).reshape(b, L, D)  # (B, L, D)
+    if merge == "concat":
+        w_x = torch.block_diag(*x_proj_weight.transpose(1, 2))  # (K·d, K·c), head k's block W_k^T
+    else:
+        w_x = x_proj_weight.permute(2, 0, 1).reshape(D, K * c)  # every head reads all D channels
+    x_dbl = (x_cl @ w_x).view(b, L, K, c)  # (B, L, K, R + 2N)
+    w_dt = torch.block_diag(*dt_projs_weight.transpose(1, 2))  # (K·R, K·d)
+    dts = x_dbl[..., :R].reshape(b, L, K * R) @ w_dt  # (B, L, K·d)
+    Bs = x_dbl[..., R:R + N].permute(0, 2, 3, 1)  # (B, K, N, L) view, unit stride along N
+    Cs = x_dbl[..., R + N:].permute(0, 2, 3, 1)
     y = _route_scan(
-        prep(flat), prep(dts.reshape(b, K * d, L)), prep(-torch.exp(A_logs.to(work))), prep(Bs), prep(Cs),
-        prep(Ds), prep(dt_projs_bias.reshape(-1)), ",".join(head_routes), h, w, merge == "add",
-    )
-    return y.to(x.dtype)
+        x_cl.transpose(1, 2).to(work), dts.transpose(1, 2).to(work), (-torch.exp(A_logs.to(work))).contiguous(),
+        Bs.to(work), Cs.to(work), Ds.to(work).contiguous(), dt_projs_bias.reshape(-1).to(work).contiguous(),
+        ",".join(head_routes), h, w, merge == "add",
+    )  # (B, L, D)
+    return y.to(x.dtype).transpose(1, 2)
 
 
-# Above this many positions the routed reads (one sector per step and channel on column and
-# diagonal routes) cost more than materialising the permuted copies: measured on an H200,
-# fused was faster at 256² and slower at 512² and 1024².
+# Largest map (H·W positions) whose routes are fused when the forward kernel is "tile": its routed
+# reads cost one 32-byte sector per step and channel, and from 512² materialising the permuted
+# copies measured faster on an H200. The step kernel reads channels-last runs (one sector per
+# step and route group) and fuses every size (1024²: 379 ms per EAMamba forward against 603 ms).
 FUSE_MAX_POSITIONS = 1 << 17
 
 
 def can_fuse(x: torch.Tensor, backend: str = "auto") -> bool:
     """True when ``multi_route_scan(x, ..., backend)`` should call ``fused_multi_route_scan``:
-    the scan resolves to the triton backend and the map has at most FUSE_MAX_POSITIONS."""
+    the scan resolves to the triton backend (and, with the tile kernel, the map has at most
+    FUSE_MAX_POSITIONS)."""
     from harness.ops.selective_scan import resolve_backend
 
-    if x.dim() != 4 or x.shape[-1] * x.shape[-2] > FUSE_MAX_POSITIONS:
+    if x.dim() != 4 or (FORWARD_KERNEL != "step" and x.shape[-1] * x.shape[-2] > FUSE_MAX_POSITIONS):
         return False
     try:
         return resolve_backend(backend, x.device) == "triton"
