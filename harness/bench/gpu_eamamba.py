@@ -680,11 +680,36 @@ def phase_profile(args, device, model, log) -> list[tuple[str, list[dict]]]:
 
 # --- phase 5: kernel settings sweep -------------------------------------------------------------
 
+def _time_settings(settings, knobs, fns, row_base, device, log, deadline, rows, min_reps=3, max_reps=10):
+    """For each dict of module-level ``scan_triton`` knobs: set it, time every fn in ``fns``
+    (name -> callable, forward and backward kernels alike), restore the defaults."""
+    default = {k: getattr(st, k) for k in knobs}
+    for s in settings:
+        if time.time() > deadline:
+            break
+        for k, v in s.items():
+            setattr(st, k, v)
+        row = dict(row_base(s))
+        try:
+            with torch.no_grad():
+                for fn in fns.values():
+                    fn()
+                sync(device)
+                for name, fn in fns.items():
+                    row[name], _ = timed(fn, device, min_reps=min_reps, max_reps=max_reps, target_s=0.2)
+        except Exception as e:  # noqa: BLE001
+            row["note"] = fail_text(e)
+        finally:
+            for k, v in default.items():
+                setattr(st, k, v)
+        rows.append(row)
+        log(row)
+
+
 def sweep_step_kernel(device, log, deadline) -> list[dict]:
     """The step kernel's knobs on channels-last, routed inputs at the model's level-1 shapes."""
-    rows = []
+    rows: list[dict] = []
     knobs = ("STEP_UNROLL", "STEP_WARPS", "STEP_WARPS_PER_SM", "STEP_MIN_SEGMENT", "CARRY_BLOCK_S")
-    default = {k: getattr(st, k) for k in knobs}
     settings = [{}, dict(STEP_UNROLL=2), dict(STEP_UNROLL=8), dict(STEP_WARPS=2), dict(STEP_WARPS=4),
                 dict(STEP_WARPS_PER_SM=16), dict(STEP_WARPS_PER_SM=64), dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16),
                 dict(STEP_WARPS_PER_SM=128, STEP_MIN_SEGMENT=16), dict(CARRY_BLOCK_S=32)]
@@ -699,26 +724,11 @@ def sweep_step_kernel(device, log, deadline) -> list[dict]:
         C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
         out = torch.empty(b, L, d, device=device).transpose(1, 2)
         idx = st.route_index(tuple(ROUTE_SETS["all_around"]), side, side, device)
-        for s in settings:
-            if time.time() > deadline:
-                break
-            for k, v in s.items():
-                setattr(st, k, v)
-            row = dict(shape=f"b{b} d{d} L{side}^2", setting="step " + (json.dumps(s) if s else "default"),
-                       segments=st._step_segments(b, d, L, device)[1])
-            try:
-                with torch.no_grad():
-                    f = lambda: st._forward_step(u, dl, A, B, C, D, bias, True, idx=idx, out=out)  # noqa: E731
-                    f()
-                    sync(device)
-                    row["fwd_routed_ms"], _ = timed(f, device, min_reps=3, max_reps=20, target_s=0.2)
-            except Exception as e:  # noqa: BLE001
-                row["note"] = fail_text(e)
-            finally:
-                for k, v in default.items():
-                    setattr(st, k, v)
-            rows.append(row)
-            log(row)
+        fns = {"fwd_routed_ms": lambda: st._forward_step(u, dl, A, B, C, D, bias, True, idx=idx, out=out)}
+        _time_settings(settings, knobs, fns,
+                       lambda s: dict(shape=f"b{b} d{d} L{side}^2", setting="step " + (json.dumps(s) if s else "default"),
+                                      segments=st._step_segments(b, d, L, device)[1]),
+                       device, log, deadline, rows, max_reps=20)
         del inp, u, dl, A, B, C, D, bias, out
         reset_peak(device)
     return rows
@@ -728,39 +738,22 @@ def phase_sweep(args, device, log, deadline) -> list[dict]:
     rows = []
     if device.type != "cuda":
         return rows
+    rows += sweep_step_kernel(device, log, deadline)
     knobs = ("PROGRAMS_PER_SM", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS", "MAX_BLOCK_D", "FWD_WARPS", "BWD_WARPS")
-    default = {k: getattr(st, k) for k in knobs}
     settings = [{}, dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=8), dict(FWD_TILE_ELEMENTS=2048),
                 dict(FWD_TILE_ELEMENTS=8192, FWD_WARPS=8), dict(MAX_BLOCK_D=4), dict(BWD_TILE_ELEMENTS=4096, BWD_WARPS=8),
                 dict(BWD_TILE_ELEMENTS=1024), dict(MAX_BLOCK_D=16, FWD_TILE_ELEMENTS=8192, FWD_WARPS=8)]
-    rows += sweep_step_kernel(device, log, deadline)
     g, n = 8, 16
     for b, d, side in [(1, 64, 256), (8, 64, 128)]:
         L = side * side
         inp = {k: v.float() for k, v in scan_case(b, d, L, n, g, device, seed=9).items()}
         u, dl, A, B, C, D, bias, dy = (inp[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias", "z"))
         idx = st.route_index(tuple(ROUTE_SETS["all_around"]), side, side, device)
-        for s in settings:
-            if time.time() > deadline:
-                break
-            for k, v in s.items():
-                setattr(st, k, v)
-            row = dict(shape=f"b{b} d{d} L{side}^2", setting=json.dumps(s) if s else "default")
-            try:
-                with torch.no_grad():
-                    f = lambda: st._forward(u, dl, A, B, C, D, bias, True, idx=idx)  # noqa: E731
-                    bw = lambda: st._backward(u, dl, A, B, C, D, bias, True, dy, idx=idx)  # noqa: E731
-                    f(), bw()
-                    sync(device)
-                    row["fwd_routed_ms"], _ = timed(f, device, min_reps=3, max_reps=10, target_s=0.2)
-                    row["bwd_routed_ms"], _ = timed(bw, device, min_reps=3, max_reps=10, target_s=0.2)
-            except Exception as e:  # noqa: BLE001
-                row["note"] = fail_text(e)
-            finally:
-                for k, v in default.items():
-                    setattr(st, k, v)
-            rows.append(row)
-            log(row)
+        fns = {"fwd_routed_ms": lambda: st._forward_tile(u, dl, A, B, C, D, bias, True, idx=idx),
+               "bwd_routed_ms": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy, idx=idx)}
+        _time_settings(settings, knobs, fns,
+                       lambda s: dict(shape=f"b{b} d{d} L{side}^2", setting=json.dumps(s) if s else "default"),
+                       device, log, deadline, rows)
     return rows
 
 
