@@ -21,8 +21,9 @@ Paths (one model, one set of random weights; fp32 unless the name says otherwise
   what mamba_ssm's kernel does at batch 1), in Triton;
 - ``torch``: our chunked ``torch`` backend (the GPU correctness oracle);
 - ``fast_compiled`` (with ``--compile``): ``fast`` with the model under
-  ``torch.compile(dynamic=True)`` (one compilation for every size; the fused scan is a custom
-  operator, so the graph has no break), then captured as a CUDA graph.
+  ``torch.compile`` (``--compile-dynamic``: one compilation for every size; otherwise one per
+  size; the fused scan is a custom operator, so the graph has no break), then captured as a
+  CUDA graph.
 TF32 is off everywhere except the ``*_default`` and ``fast_tf32`` paths. Output differences are
 taken against the torch/release path of the same precision.
 
@@ -142,7 +143,7 @@ PATHS = {
     "release": ("release_scan", "materialised", False, "strict", False, "tile", None, False),
     "release_default": ("release_scan", "materialised", False, "default", False, "tile", None, False),
     "torch": ("torch", "model", False, "strict", False, None, None, False),
-    "fast_compiled": ("triton", "auto", True, "strict", False, None, None, False),  # + torch.compile(dynamic=True)
+    "fast_compiled": ("triton", "auto", True, "strict", False, None, None, False),  # + torch.compile
 }
 TRAIN_PATHS = ["fast", "fast_eager", "fast_default", "tile_fused", "release", "release_default", "torch"]
 PRECISIONS = {"strict": (False, False), "default": (False, True), "tf32": (True, True)}  # (matmul, cudnn)
@@ -771,6 +772,8 @@ def run_compiled_child(args, refs: dict, remaining_s: float) -> tuple[list[dict]
     cmd = [sys.executable, "-m", "harness.bench.gpu_eamamba", "--out", str(tmp), "--compiled-only",
            "--preset", args.preset, "--point-limit-s", str(args.point_limit_s),
            "--deadline-s", str(max(10.0, remaining_s - 20)), "--sizes", *map(str, sizes)]
+    if args.compile_dynamic:
+        cmd.append("--compile-dynamic")
     t0 = time.time()
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
@@ -791,7 +794,7 @@ def compiled_child(args, device):
     refs = torch.load(Path(args.out) / "refs.pt")
     torch.manual_seed(0)
     model = hm.create(args.preset).to(device).eval()
-    compiled = torch.compile(model, dynamic=True)
+    compiled = torch.compile(model, dynamic=bool(args.compile_dynamic))
     rows: list[dict] = []
     deadline = time.time() + args.deadline_s
 
@@ -976,6 +979,7 @@ def main(argv=None) -> None:
                         help="the (eager) path whose kernels are profiled")
     parser.add_argument("--train-first", action="store_true", help="run the training phase before inference")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) + CUDA graph")
+    parser.add_argument("--compile-dynamic", action="store_true", help="one dynamic-shape compilation for all sizes")
     parser.add_argument("--compile-deadline-s", type=float, default=560.0,
                         help="the compiled phase (a child process) is killed at this time since start")
     parser.add_argument("--compiled-only", action="store_true", help=argparse.SUPPRESS)
@@ -1076,7 +1080,8 @@ def main(argv=None) -> None:
             inf_rows += rows
             write_csv(out / "inference.csv", inf_rows)
             table, cols = inference_pivot(inf_rows)
-            md += ["## Inference with torch.compile(dynamic=True) + CUDA graph (fast_compiled)", "", note, "",
+            md += [f"## Inference with torch.compile(dynamic={bool(args.compile_dynamic)}) + CUDA graph (fast_compiled)",
+                   "", note, "",
                    markdown_table(table, cols), "",
                    markdown_table(rows, ["size", "path", "ms", "reps", "peak_MB", "max_rel_diff", "diff_vs",
                                          "first_call_s", "note"]), ""]
