@@ -207,6 +207,7 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
                            save_dir=run_dir / "images" if ev.get("save_images") else None)
             timings["eval_s"] = time.perf_counter() - t
             record["metrics"] = summarise(out["results"])
+            record["input_metrics"] = {m: r.mean for m, r in out["input_results"].items()}
             record["dataset"] = getattr(test_set, "dataset_name", data["test"].get("kind"))
             record["nonfinite"] = out["nonfinite"]
             if out["nonfinite"]:

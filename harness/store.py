@@ -179,6 +179,8 @@ def flatten_record(record: Mapping[str, Any]) -> dict[str, Any]:
     row["device"] = (record.get("environment") or {}).get("device")
     for metric, value in (record.get("metrics") or {}).items():
         row[metric] = value.get("mean") if isinstance(value, Mapping) else value
+    for metric, value in (record.get("input_metrics") or {}).items():
+        row[f"input_{metric}"] = value
     for t, ratio in ((record.get("erf") or {}).get("area_ratios") or {}).items():
         row[f"erf_area@{t}"] = ratio
     official = record.get("official") or {}

@@ -43,9 +43,9 @@ def test_other_containers(tmp_path, model, container, key):
 
 
 def test_other_architecture_lists_keys_and_shapes(tmp_path, model):
-    torch.save(hm.create("eamamba_tiny", dim=24).state_dict(), tmp_path / "wide.pth")
+    torch.save(hm.create("eamamba_tiny", dim=32).state_dict(), tmp_path / "wide.pth")
     with pytest.raises(CheckpointError, match=r"shape mismatches \(first: \['patch_embed.proj.weight: checkpoint "
-                                              r"\(24, 3, 3, 3\) vs model \(16, 3, 3, 3\)"):
+                                              r"\(32, 3, 3, 3\) vs model \(24, 3, 3, 3\)"):
         load_weights(model, tmp_path / "wide.pth")
     torch.save(hm.create("eamamba_sr_tiny").state_dict(), tmp_path / "sr.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \(first: \['patch_embed.proj.weight'.*unexpected keys "

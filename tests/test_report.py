@@ -36,6 +36,9 @@ def test_report_files_tables_and_seed_statistics(tmp_path):
     for seed in (0, 1):
         store.put(_record("a", seed, [30.0 + seed, 31.0, 32.0]))
         store.put(_record("b", seed, [30.5 + seed, 31.5, 32.5], gmacs=2.0))
+    for seed in (0, 1):  # both stored above again, now with the degraded input's metrics
+        store.put(dict(_record("a", seed, [30.0 + seed, 31.0, 32.0]), task="denoise_gauss25",
+                       input_metrics={"psnr": 20.1734, "ssim": 0.41234}))
     failed = _record("c", 0, [1.0, 1.0, 1.0], status="failed")
     failed["error"] = "RuntimeError: boom"
     store.put(failed)
@@ -49,6 +52,8 @@ def test_report_files_tables_and_seed_statistics(tmp_path):
     assert "model=a" in seeds and "31.1667 ± 0.2357" in seeds  # mean of 31 and 31.333; std of the pair
     report = (out / "report.md").read_text()
     assert "**failed** `model=c,seed=0`: RuntimeError: boom" in report
+    assert "Degraded input (denoise_gauss25, same images and protocol; bicubic upscaling for SR): " \
+           "PSNR 20.17, SSIM 0.4123." in report
     assert (out / "figures" / "psnr_vs_gflops.png").stat().st_size > 1000
 
 

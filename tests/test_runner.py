@@ -89,6 +89,9 @@ def test_job_records_skips_and_resumes(tmp_path):
     assert rec["profile"]["gmacs"] > 0 and rec["train"]["iters_done"] == 4
     psnr = rec["metrics"]["psnr"]
     assert len(psnr["values"]) == 3 and psnr["protocol"]["protocol"] == "basicsr"
+    # The noisy input (sigma 25 of 255, not clipped) scores about 20·log10(255/25) = 20.17 dB; clamping
+    # to [0, 1] for the metric can only raise it.
+    assert 20.1 < rec["input_metrics"]["psnr"] < 21.0 and 0 < rec["input_metrics"]["ssim"] < 1
     assert rec["environment"]["torch"] == torch.__version__
     stored = json.loads(Path(tmp_path / "store" / "records" / f"{rec['config_hash']}.json").read_text())
     assert stored["status"] == "ok" and stored["metrics"]["psnr"]["values"] == psnr["values"]

@@ -240,6 +240,7 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
     lines = [f"# Report: {experiment}", "", f"{len(df)} runs ({int((df['status'] == 'ok').sum())} ok, "
              f"{int((df['status'] != 'ok').sum())} failed). Protocol: {protocol}.", "",
              f"Environment: {env}", "", to_markdown(table), ""]
+    lines += _input_lines(df)
     if "psnr_delta" in df:
         lines += ["ΔPSNR: paired per-image difference to the reference run (first listed), mean and bootstrap "
                   "95 % confidence interval over images; * marks an interval excluding 0.", ""]
@@ -252,6 +253,20 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
         lines += ["", f"![{text}](figures/{name})", "", f"*{text} {caption}*"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out
+
+
+def _input_lines(df: pd.DataFrame) -> list[str]:
+    """One line per task: the metrics of the degraded input (bicubic-upscaled for SR), the floor
+    every run of that task has to clear."""
+    cols = [c for c in df.columns if c.startswith("input_")]
+    if not cols:
+        return []
+    lines = []
+    for task, group in df[df[cols].notna().any(axis=1)].groupby(df["task"].fillna("?")):
+        values = ", ".join(f"{c[len('input_'):].upper()} {_fmt(group[c].iloc[0], 4 if 'psnr' not in c else 2)}"
+                           for c in cols if group[c].notna().any())
+        lines.append(f"Degraded input ({task}, same images and protocol; bicubic upscaling for SR): {values}.")
+    return lines + [""] if lines else []
 
 
 def _flat(record: dict) -> dict:
