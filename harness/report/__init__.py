@@ -31,7 +31,7 @@ METRIC_COLS = ("psnr", "ssim", "lpips")
 def _swept_columns(df: pd.DataFrame) -> list[str]:
     """Columns that came from a run's overrides (e.g. ``model.heads``), in first-seen order."""
     known = set(IDENTITY) | set(COST) | set(METRIC_COLS) | {"run", "train_s", "error", "psnr_delta"}
-    return [c for c in df.columns if c not in known and not c.startswith("erf_area@")]
+    return [c for c in df.columns if c not in known and not c.startswith(("erf_area@", "input_"))]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -280,7 +280,7 @@ def _protocol_line(records: list[dict]) -> str:
         for m, v in (r.get("metrics") or {}).items():
             p = v.get("protocol") or {}
             if m == "psnr":
-                return (f"PSNR/SSIM {p.get('protocol', '?')} protocol, {p.get('channels', '?')}, crop "
+                return (f"PSNR/SSIM {p.get('protocol', '?')} protocol, {p.get('space', p.get('channels', '?'))}, crop "
                         f"{p.get('crop_border', 0)}; task {r.get('task')}; data {r.get('dataset')}")
     return f"task {records[0].get('task')}"
 
