@@ -66,7 +66,7 @@ def test_every_backend_gives_the_same_model_output():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(directions="all_around", heads=16),
+    dict(directions="all_around", heads=16, dim=16),
     dict(directions="cross", merge="add"),
     dict(directions=["hilbert", "hilbert_rev", "zigzag", "zorder_release"], heads=4),
     dict(directions="raster", heads=1),
@@ -104,7 +104,7 @@ def test_concat_heads_read_their_own_routes():
 @pytest.mark.parametrize("overrides, message", [
     (dict(directions=["h", "spiral"]), "unknown scan route 'spiral'"),
     (dict(directions="all_around", heads=12), r"heads \(12\) must be a positive multiple of the number of routes \(8\)"),
-    (dict(directions="all_around", heads=24), r"heads \(24\) must divide the inner channels"),
+    (dict(directions="all_around", heads=32), r"heads \(32\) must divide the inner channels"),
     (dict(merge="mean"), "unknown merge 'mean'"),
     (dict(mixer="mlp"), "unknown channel mixer 'mlp'"),
     (dict(d_state=0), "d_state must be >= 1"),
