@@ -77,6 +77,7 @@ STEP_UNROLL = 4
 STEP_WARPS_PER_SM = 32  # segments are cut until about this many warps per multiprocessor
 STEP_MAX_SEGMENTS = 4096
 STEP_MIN_SEGMENT = 32
+STEP_MAXNREG = None  # register cap per thread for the step kernel (None: the compiler's choice)
 CARRY_BLOCK_S = 64  # segments per associative scan in the segment carry
 CARRY_BLOCK_M = 32
 CARRY_WARPS = 4
@@ -694,6 +695,7 @@ def _forward_step(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumula
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
                  ROUTED=idx is not None, BD=BD, BN=BN, UNROLL=STEP_UNROLL)
     warps = max(1, min(BD // 32, 8)) if BD >= 32 else 1
+    launch = dict(num_warps=warps) | ({"maxnreg": STEP_MAXNREG} if STEP_MAXNREG and not INTERPRET else {})
     Dp = D if D is not None else A
     bp = delta_bias if delta_bias is not None else A
     ip = idx if idx is not None else u
@@ -703,7 +705,7 @@ def _forward_step(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumula
         end = torch.empty(b, nseg, N, NCH, device=u.device, dtype=u.dtype)
         prod = torch.empty_like(end)
         _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, u, end, prod, **common, **flags,
-                               ACCUM=False, HAS_CARRY=False, END_ONLY=True, num_warps=warps)
+                               ACCUM=False, HAS_CARRY=False, END_ONLY=True, **launch)
         hin = torch.empty_like(end)
         M = N * NCH
         BS = 8 if INTERPRET else CARRY_BLOCK_S
@@ -711,7 +713,7 @@ def _forward_step(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumula
         _segment_carry_kernel[(-(-M // BM), b)](end, prod, hin, nseg, M, BS=BS, BM=BM, SEQ=INTERPRET,
                                                 num_warps=CARRY_WARPS)
     _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, hin, u, u, **common, **flags,
-                           ACCUM=bool(accumulate), HAS_CARRY=nseg > 1, END_ONLY=False, num_warps=warps)
+                           ACCUM=bool(accumulate), HAS_CARRY=nseg > 1, END_ONLY=False, **launch)
     return y
 
 
