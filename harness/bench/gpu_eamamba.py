@@ -1,8 +1,9 @@
 """EAMamba on one GPU, in one run: the fast paths against our torch backend and a released-style path.
 
     python -m harness.bench.gpu_eamamba --out OUT [--sizes 128 256 512 1024 2048]
-        [--train 8x128 2x256 1x384] [--torch-train 8x128] [--compile] [--deadline-s 480]
-        [--point-limit-s 20] [--no-checks] [--no-kernel] [--no-sweep]
+        [--train 8x128 2x256 1x384] [--torch-train 8x128] [--compile [--compile-dynamic]]
+        [--deadline-s 480] [--point-limit-s 20] [--no-checks] [--no-kernel] [--no-sweep]
+        [--profile-path fast_eager]
 
 Paths (one model, one set of random weights; fp32 unless the name says otherwise):
 - ``fast``: triton scan backend with its default forward kernel (the step kernel), routes fused
@@ -116,8 +117,9 @@ eam.multi_route_scan = _dispatch  # MHSSM.forward looks the name up in its modul
 
 def _release_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     # one program per channel over the whole sequence, no segments (mamba_ssm at batch 1). The
-    # tile kernel with one channel per program: on the H200 the step kernel in this role was
-    # 15x slower (17.9 vs 1.2 ms at d 64, 256²), which would flatter the fast paths.
+    # tile kernel with one channel per program: on the H200 a one-step-at-a-time kernel in this
+    # role (session 1's, 8 channels per warp) was 15x slower (17.9 vs 1.2 ms at d 64, 256²),
+    # which would flatter the fast paths.
     return st._forward_tile(u, delta, A, B, C, D, delta_bias, delta_softplus, block_d=1, seg_tiles=1 << 30)
 
 
