@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from harness.ops import scan_cpp
+from harness.ops.scan_reference import selective_scan_reference
 
 if not scan_cpp.is_available():
     pytest.skip("the cpp selective scan could not be built", allow_module_level=True)
@@ -87,34 +87,6 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor | None]:
     }
 
 
-def reference_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-) -> torch.Tensor:
-    """Sequential selective scan, one timestep at a time (autograd-friendly)."""
-    _, d, L = u.shape
-    g = B.shape[1]
-    dt = delta if delta_bias is None else delta + delta_bias[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    B_c = B.repeat_interleave(d // g, dim=1)  # (b, d, n, L): channel c uses group c // (d // g)
-    C_c = C.repeat_interleave(d // g, dim=1)
-    x = u.new_zeros(u.shape[0], d, A.shape[1])  # (b, d, n)
-    ys = []
-    for t in range(L):
-        decay = torch.exp(dt[:, :, t, None] * A)
-        x = decay * x + (dt[:, :, t] * u[:, :, t])[..., None] * B_c[..., t]
-        ys.append((x * C_c[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)  # (b, d, L)
-    return y if D is None else y + D[:, None] * u
-
-
 @functools.lru_cache(maxsize=None)
 def reference(case: Case) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """y and the gradients of sum(dy * y), all in float64 (cached per case)."""
@@ -122,7 +94,7 @@ def reference(case: Case) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]
     names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
     leaves = {k: (v.clone().requires_grad_(True) if v is not None else None)
               for k, v in inputs.items() if k in names}
-    y = reference_scan(*(leaves[k] for k in names), case.softplus)
+    y = selective_scan_reference(*(leaves[k] for k in names), case.softplus)
     present = [leaves[k] for k in names if leaves[k] is not None]
     grads = iter(torch.autograd.grad((y * inputs["dy"]).sum(), present))
     return y.detach(), tuple(next(grads) if leaves[k] is not None else None for k in names)

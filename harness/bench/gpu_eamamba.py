@@ -302,35 +302,29 @@ def phase_checks(args, device, model, log) -> list[dict]:
     # model's (d_state 16, 8 channels per block) variant is shared by most of these)
     if device.type != "cuda":
         shapes = shapes[:2]
-    saved_kernel = st.FORWARD_KERNEL
-    for kernel, shape in [(k, s) for k in ("tile", "step") for s in shapes]:
-        st.FORWARD_KERNEL = kernel
-        try:
-            errs = check_scan(shape, device)
-            rows.append(dict(check=f"scan ({kernel} fwd) b{shape[0]} d{shape[1]} L{shape[2]} n{shape[3]} g{shape[4]}",
-                             max_rel=max(errs.values()), tol=1e-5, detail=json.dumps({k: f"{v:.1e}" for k, v in errs.items()})))
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(check=f"scan ({kernel} fwd) {shape}", max_rel=float("nan"), tol=1e-5, detail=fail_text(e)))
-            traceback.print_exc()
-        finally:
-            st.FORWARD_KERNEL = saved_kernel
-        log(rows[-1])
     fused_cases = [("all_around", "concat", 8, 64, 48, 40), ("cross", "add", 4, 16, 24, 20),
                    ("all_around", "concat", 16, 32, 17, 13)]
     if device.type != "cuda":
         fused_cases = [("all_around", "concat", 8, 16, 5, 7)]
-    for kernel, case in [(k, c) for k in ("tile", "step") for c in fused_cases]:
-        st.FORWARD_KERNEL = kernel
-        try:
-            errs = check_fused(*case, device=device)
-            rows.append(dict(check=f"fused ({kernel} fwd) {case[1]} {case[0]} heads{case[2]} D{case[3]} {case[4]}x{case[5]}",
-                             max_rel=max(errs.values()), tol=1e-5, detail=json.dumps({k: f"{v:.1e}" for k, v in errs.items()})))
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(check=f"fused ({kernel} fwd) {case}", max_rel=float("nan"), tol=1e-5, detail=fail_text(e)))
-            traceback.print_exc()
-        finally:
-            st.FORWARD_KERNEL = saved_kernel
-        log(rows[-1])
+    checks = [(f"scan ({{}} fwd) b{s[0]} d{s[1]} L{s[2]} n{s[3]} g{s[4]}", lambda s=s: check_scan(s, device))
+              for s in shapes]
+    checks += [(f"fused ({{}} fwd) {c[1]} {c[0]} heads{c[2]} D{c[3]} {c[4]}x{c[5]}",
+                lambda c=c: check_fused(*c, device=device)) for c in fused_cases]
+    saved_kernel = st.FORWARD_KERNEL
+    for kernel in ("tile", "step"):  # every check under each forward kernel
+        for label, check in checks:
+            st.FORWARD_KERNEL = kernel
+            row = dict(check=label.format(kernel), max_rel=float("nan"), tol=1e-5)
+            try:
+                errs = check()
+                row.update(max_rel=max(errs.values()), detail=json.dumps({k: f"{v:.1e}" for k, v in errs.items()}))
+            except Exception as e:  # noqa: BLE001
+                row.update(detail=fail_text(e))
+                traceback.print_exc()
+            finally:
+                st.FORWARD_KERNEL = saved_kernel
+            rows.append(row)
+            log(row)
     # whole model: outputs and all parameter gradients vs a float64 torch-backend model
     size = 64 if device.type == "cuda" else 8
     gen = torch.Generator().manual_seed(5)

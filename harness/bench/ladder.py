@@ -60,6 +60,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-time-s", type=float, default=None, help="time budget for the timed calls of a point")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cudnn-benchmark", action="store_true")
+
+
+def apply_common_arguments(args: argparse.Namespace) -> None:
+    """Process-wide settings from ``add_common_arguments``: CPU threads and cuDNN autotuning."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     parser.add_argument("--override", action="append", metavar="KEY=VALUE", help="preset constructor override")
 
 
@@ -75,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    apply_common_arguments(args)
     cap = None if str(args.memory_cap_mb).lower() == "none" else (
         "auto" if args.memory_cap_mb == "auto" else float(args.memory_cap_mb))
     out = Path(args.out)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.bench.ladder import add_common_arguments, parse_overrides, parse_size
+from harness.bench.ladder import add_common_arguments, apply_common_arguments, parse_overrides, parse_size
 from harness.profile.ladder import markdown_table, plot_ladder, resolution_ladder
 
 DEFAULT_PRESETS = ["eamamba", "restormer", "mambairunet_realdn", "nafnet_sidd_w32", "dncnn_color20",
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    apply_common_arguments(args)
     from harness.models import available, preset_meta
     from harness.ops import use_backend
 

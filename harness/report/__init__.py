@@ -148,6 +148,13 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
     fig_dir.mkdir(parents=True, exist_ok=True)
     out = []
     ok = df[df["status"] == "ok"]
+
+    def save(fig, name: str, text: str) -> None:  # caption strip at the foot, then file and list entry
+        fig.text(0.01, 0.005, caption, fontsize=6)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(fig_dir / name, dpi=130)
+        plt.close(fig)
+        out.append((name, text))
     if "psnr" in ok and ok["psnr"].notna().any() and ok["gflops"].notna().any():
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for _, row in ok.iterrows():
@@ -158,11 +165,7 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
         ax.set_ylabel("PSNR (dB)")
         ax.set_title("Quality vs cost (marker area ~ parameters)", fontsize=10)
         ax.grid(alpha=0.3)
-        fig.text(0.01, 0.005, caption, fontsize=6)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(fig_dir / "psnr_vs_gflops.png", dpi=130)
-        plt.close(fig)
-        out.append(("psnr_vs_gflops.png", "PSNR against GFLOPs, one point per run."))
+        save(fig, "psnr_vs_gflops.png", "PSNR against GFLOPs, one point per run.")
     if "latency_ms" in ok and ok["latency_ms"].notna().any() and "psnr" in ok:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         ax.scatter(ok["latency_ms"], ok["psnr"])
@@ -171,11 +174,7 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
         ax.set_xlabel("latency (ms, median)")
         ax.set_ylabel("PSNR (dB)")
         ax.grid(alpha=0.3)
-        fig.text(0.01, 0.005, caption, fontsize=6)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(fig_dir / "psnr_vs_latency.png", dpi=130)
-        plt.close(fig)
-        out.append(("psnr_vs_latency.png", "PSNR against measured latency."))
+        save(fig, "psnr_vs_latency.png", "PSNR against measured latency.")
     for metric, unit in (("psnr", "dB"), ("gflops", "GMACs"), ("params", "parameters")):
         if metric not in df or not df[metric].notna().any():
             continue
@@ -189,11 +188,7 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
             lo = np.nanmin(values)
             ax.set_ylim(lo - 1, np.nanmax(values) + 0.5)
         ax.set_title(f"{metric} per run (red: failed)", fontsize=10)
-        fig.text(0.01, 0.005, caption, fontsize=6)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(fig_dir / f"bars_{metric}.png", dpi=130)
-        plt.close(fig)
-        out.append((f"bars_{metric}.png", f"{metric} per run."))
+        save(fig, f"bars_{metric}.png", f"{metric} per run.")
     return out
 
 
