@@ -60,6 +60,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-time-s", type=float, default=None, help="time budget for the timed calls of a point")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument("--override", action="append", metavar="KEY=VALUE", help="preset constructor override")
 
 
 def apply_common_arguments(args: argparse.Namespace) -> None:
@@ -67,7 +68,6 @@ def apply_common_arguments(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
-    parser.add_argument("--override", action="append", metavar="KEY=VALUE", help="preset constructor override")
 
 
 def main(argv: list[str] | None = None) -> int:
