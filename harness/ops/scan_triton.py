@@ -188,6 +188,37 @@ if triton is not None:
         uch = ch % U_CH
         return bi, grp, dblk, ch, ch_ok, uch
 
+    @triton.jit
+    def _tile_setup(pid, A_ptr, D_ptr, bias_ptr, G, NBLK_D, DG, U_CH, N, HAS_D: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+        """A tile kernel's program: its coordinates, state masks and per-channel parameters.
+        Dv / bias are zeros when the kernel has none (unused then, and compiled away)."""
+        bi, grp, dblk, ch, ch_ok, uch = _program_coords(pid, G, NBLK_D, DG, U_CH, BD)
+        offs_n = tl.arange(0, BN)
+        n_ok = offs_n < N
+        m_dn = ch_ok[:, None] & n_ok[None, :]
+        ch64 = ch.to(tl.int64)
+        A = tl.load(A_ptr + ch64[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
+        A2 = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
+        if HAS_D:
+            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
+        else:
+            Dv = tl.zeros((BD,), dtype=A.dtype)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
+        else:
+            bias = tl.zeros((BD,), dtype=A.dtype)
+        return bi.to(tl.int64), grp, dblk, ch, ch_ok, uch, ch64, offs_n, n_ok, m_dn, A, A2, Dv, bias
+
+    @triton.jit
+    def _delta_tile(dt_rows, pos, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """(raw, Δ) of a (channels × steps) tile: raw = dt (+ bias), Δ = softplus(raw) or raw,
+        0 where masked."""
+        raw = tl.load(dt_rows[:, None] + pos[None, :], mask=mask, other=0.0)
+        if HAS_BIAS:
+            raw = raw + bias[:, None]
+        return raw, tl.where(mask, _delta_of(raw, SOFTPLUS), 0.0)
+
     @triton.jit(do_not_specialize=_RUNTIME_INTS)
     def _fwd_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, idx_ptr, y_ptr,
@@ -206,18 +237,8 @@ if triton is not None:
         """
         pid = tl.program_id(0)
         seg = tl.program_id(1)
-        bi, grp, dblk, ch, ch_ok, uch = _program_coords(pid, G, NBLK_D, DG, U_CH, BD)
-        offs_n = tl.arange(0, BN)
-        n_ok = offs_n < N
-        m_dn = ch_ok[:, None] & n_ok[None, :]
-        ch64 = ch.to(tl.int64)
-        A = tl.load(A_ptr + ch64[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
-        A2 = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-        if HAS_D:
-            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
-        bi64 = bi.to(tl.int64)
+        bi64, grp, dblk, ch, ch_ok, uch, ch64, offs_n, n_ok, m_dn, A, A2, Dv, bias = _tile_setup(
+            pid, A_ptr, D_ptr, bias_ptr, G, NBLK_D, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN)
         u_rows = u_ptr + (bi64 * U_CH + uch.to(tl.int64)) * L  # (BD,) row pointers
         dt_rows = dt_ptr + (bi64 * NCH + ch64) * L
         y_rows = y_ptr + (bi64 * U_CH + uch.to(tl.int64)) * L
@@ -237,10 +258,7 @@ if triton is not None:
             t_ok = offs_t < L
             pos = _positions(idx_ptr, grp, offs_t, t_ok, L, ROUTED)
             m2 = ch_ok[:, None] & t_ok[None, :]
-            raw = tl.load(dt_rows[:, None] + pos[None, :], mask=m2, other=0.0)
-            if HAS_BIAS:
-                raw = raw + bias[:, None]
-            dlt = tl.where(m2, _delta_of(raw, SOFTPLUS), 0.0)
+            raw, dlt = _delta_tile(dt_rows, pos, m2, bias, HAS_BIAS, SOFTPLUS)
             uu = tl.load(u_rows[:, None] + pos[None, :], mask=m2, other=0.0)
             Bt = tl.load(B_rows[:, None] + pos[None, :], mask=n_ok[:, None] & t_ok[None, :], other=0.0)
             bx = (dlt * uu)[:, None, :] * Bt[None, :, :]
@@ -283,16 +301,8 @@ if triton is not None:
         the product of a_{t+1} over its steps."""
         pid = tl.program_id(0)
         seg = tl.program_id(1)
-        bi, grp, dblk, ch, ch_ok, uch = _program_coords(pid, G, NBLK_D, DG, U_CH, BD)
-        offs_n = tl.arange(0, BN)
-        n_ok = offs_n < N
-        m_dn = ch_ok[:, None] & n_ok[None, :]
-        ch64 = ch.to(tl.int64)
-        A = tl.load(A_ptr + ch64[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
-        A2 = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
-        bi64 = bi.to(tl.int64)
+        bi64, grp, dblk, ch, ch_ok, uch, ch64, offs_n, n_ok, m_dn, A, A2, no_d, bias = _tile_setup(
+            pid, A_ptr, A_ptr, bias_ptr, G, NBLK_D, DG, U_CH, N, False, HAS_BIAS, BD, BN)
         dt_rows = dt_ptr + (bi64 * NCH + ch64) * L
         dy_rows = dy_ptr + (bi64 * U_CH + uch.to(tl.int64)) * L
         C_rows = C_ptr + ((bi64 * G + grp) * N + offs_n) * L
@@ -310,10 +320,7 @@ if triton is not None:
             x_ok = offs_x < L
             pos_x = _positions(idx_ptr, grp, offs_x, x_ok, L, ROUTED)
             mx = ch_ok[:, None] & x_ok[None, :]
-            raw_x = tl.load(dt_rows[:, None] + pos_x[None, :], mask=mx, other=0.0)
-            if HAS_BIAS:
-                raw_x = raw_x + bias[:, None]
-            dlt_x = tl.where(mx, _delta_of(raw_x, SOFTPLUS), 0.0)
+            raw_x, dlt_x = _delta_tile(dt_rows, pos_x, mx, bias, HAS_BIAS, SOFTPLUS)
             dy = tl.load(dy_rows[:, None] + pos[None, :], mask=m2, other=0.0)
             Ct = tl.load(C_rows[:, None] + pos[None, :], mask=n_ok[:, None] & t_ok[None, :], other=0.0)
             an = tl.exp2(dlt_x[:, None, :] * A2[:, :, None])
@@ -510,18 +517,8 @@ if triton is not None:
         """
         pid = tl.program_id(0)
         seg = tl.program_id(1)
-        bi, grp, dblk, ch, ch_ok, uch = _program_coords(pid, G, NBLK_D, DG, U_CH, BD)
-        offs_n = tl.arange(0, BN)
-        n_ok = offs_n < N
-        m_dn = ch_ok[:, None] & n_ok[None, :]
-        ch64 = ch.to(tl.int64)
-        A = tl.load(A_ptr + ch64[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
-        A2 = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-        if HAS_D:
-            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
-        bi64 = bi.to(tl.int64)
+        bi64, grp, dblk, ch, ch_ok, uch, ch64, offs_n, n_ok, m_dn, A, A2, Dv, bias = _tile_setup(
+            pid, A_ptr, D_ptr, bias_ptr, G, NBLK_D, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN)
         uch64 = uch.to(tl.int64)
         u_rows = u_ptr + (bi64 * U_CH + uch64) * L
         dy_rows = dy_ptr + (bi64 * U_CH + uch64) * L
@@ -553,10 +550,7 @@ if triton is not None:
             h0 = tl.load(st_ptr + ((bi64 * NCH + ch64)[:, None] * NTILES + tile) * N + offs_n[None, :],
                          mask=m_dn, other=0.0)
             # this step
-            raw = tl.load(dt_rows[:, None] + pos[None, :], mask=m2, other=0.0)
-            if HAS_BIAS:
-                raw = raw + bias[:, None]
-            dlt = tl.where(m2, _delta_of(raw, SOFTPLUS), 0.0)
+            raw, dlt = _delta_tile(dt_rows, pos, m2, bias, HAS_BIAS, SOFTPLUS)
             uu = tl.load(u_rows[:, None] + pos[None, :], mask=m2, other=0.0)
             dy = tl.load(dy_rows[:, None] + pos[None, :], mask=m2, other=0.0)
             Bt = tl.load(B_rows[:, None] + pos[None, :], mask=mn2, other=0.0)
@@ -565,10 +559,7 @@ if triton is not None:
             p_ok = (j >= 1) & t_ok
             pos_p = _positions(idx_ptr, grp, offs_t - 1, p_ok, L, ROUTED)
             mp = ch_ok[:, None] & p_ok[None, :]
-            raw_p = tl.load(dt_rows[:, None] + pos_p[None, :], mask=mp, other=0.0)
-            if HAS_BIAS:
-                raw_p = raw_p + bias[:, None]
-            dlt_p = tl.where(mp, _delta_of(raw_p, SOFTPLUS), 0.0)
+            raw_p, dlt_p = _delta_tile(dt_rows, pos_p, mp, bias, HAS_BIAS, SOFTPLUS)
             uu_p = tl.load(u_rows[:, None] + pos_p[None, :], mask=mp, other=0.0)
             Bt_p = tl.load(B_rows[:, None] + pos_p[None, :], mask=n_ok[:, None] & p_ok[None, :], other=0.0)
             a_p = tl.exp2(dlt_p[:, None, :] * A2[:, :, None])
@@ -582,10 +573,7 @@ if triton is not None:
             x_ok = (offs_t + 1) < L
             pos_x = _positions(idx_ptr, grp, offs_t + 1, x_ok, L, ROUTED)
             mx = ch_ok[:, None] & x_ok[None, :]
-            raw_x = tl.load(dt_rows[:, None] + pos_x[None, :], mask=mx, other=0.0)
-            if HAS_BIAS:
-                raw_x = raw_x + bias[:, None]
-            dlt_x = tl.where(mx, _delta_of(raw_x, SOFTPLUS), 0.0)
+            raw_x, dlt_x = _delta_tile(dt_rows, pos_x, mx, bias, HAS_BIAS, SOFTPLUS)
             an = tl.exp2(dlt_x[:, None, :] * A2[:, :, None])
             c = Ct[None, :, :] * dy[:, None, :]
             Q, Gs = _scan(an, c, BT, True, SEQ)
