@@ -106,7 +106,8 @@ def _check_dispatcher():
     return errs
 
 
-def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="tile", channels_last=False):
+def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="tile", channels_last=False,
+                 routed_backward=False):
     """fused_multi_route_scan (float32, forward ``kernel``, x optionally a channels_last map) vs
     multi_route_scan on the reference backend (float64)."""
     import torch
@@ -129,17 +130,19 @@ def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="
         xx = x.detach().to(dtype).clone().requires_grad_()
         ps = [params[k].detach().to(dtype).clone().requires_grad_() for k in order]
         if kind == "fused":
-            saved = scan_triton.FORWARD_KERNEL
-            scan_triton.FORWARD_KERNEL = kernel
+            saved = scan_triton.FORWARD_KERNEL, scan_triton.ROUTED_BACKWARD
+            scan_triton.FORWARD_KERNEL, scan_triton.ROUTED_BACKWARD = kernel, routed_backward
             try:
                 xin = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
                 y = scan_triton.fused_multi_route_scan(xin, head_routes, merge, *ps)
+                gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
+                y.backward(gy)
             finally:
-                scan_triton.FORWARD_KERNEL = saved
+                scan_triton.FORWARD_KERNEL, scan_triton.ROUTED_BACKWARD = saved
         else:
             y = multi_route_scan(xx, head_routes, merge, *ps, backend="reference")
-        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
-        y.backward(gy)
+            gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
+            y.backward(gy)
         results[kind] = [y.detach(), xx.grad] + [p.grad for p in ps]
     labels = ["y", "dx"] + ["d" + k for k in order]
     return {lab: _rel(a, b) for lab, a, b in zip(labels, results["fused"], results["reference"])}
@@ -196,6 +199,10 @@ def run_checks(which: list[str]) -> dict:
             out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7, kernel="step", channels_last=True)
         elif name == "fused_step_add_cross_5x7":
             out[name] = _check_fused("cross", "add", 4, 4, 5, 7, kernel="step")
+        elif name == "fused_add_cross_5x7_routed_backward":  # the kernels reading through the index
+            out[name] = _check_fused("cross", "add", 4, 4, 5, 7, routed_backward=True)
+        elif name == "fused_concat_all_around_5x7_routed_backward":
+            out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7, routed_backward=True)
         elif name == "step_channels_last_views":
             out[name] = _check_step_channels_last()
         elif name == "assoc_scan_path":
@@ -207,7 +214,8 @@ def run_checks(which: list[str]) -> dict:
 
 FAST = list(SCAN_CASES) + ["no_softplus_fp64", "dispatcher", "fused_concat_all_around_5x7", "fused_add_cross_5x7",
                            "fused_step_concat_all_around_5x7_channels_last", "fused_step_add_cross_5x7",
-                           "step_channels_last_views"]
+                           "step_channels_last_views", "fused_add_cross_5x7_routed_backward",
+                           "fused_concat_all_around_5x7_routed_backward"]
 SLOW = ["fused_concat_16heads_4x6", "assoc_scan_path"]
 
 

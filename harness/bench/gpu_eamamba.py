@@ -59,6 +59,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -130,42 +131,56 @@ def _release_bwd(u, delta, A, B, C, D, delta_bias, delta_softplus, dy):
 
 register_backend(ScanBackend("release_scan", _release_fwd, _release_bwd, st.is_available, st.supports))
 
+class PathSpec(NamedTuple):
+    """How one benchmark path runs the model. precision: "strict" (no TF32 anywhere), "default"
+    (PyTorch's defaults: TF32 in cuDNN convolutions, not in matrix products), "tf32" (both).
+    kernel / fuse_max: the forward kernel and largest fused map (None: the module's defaults)."""
+
+    backend: str
+    route_mode: str
+    graph: bool
+    precision: str
+    bf16: bool
+    kernel: str | None
+    fuse_max: int | None
+    channels_last: bool
+
+
 PATHS = {
-    # name: (scan backend, route mode, graph, precision, bf16, forward kernel, largest fused map,
-    #        channels_last model and input). precision: "strict" (no TF32 anywhere), "default"
-    #        (PyTorch's defaults: TF32 in cuDNN convolutions, not in matrix products), "tf32" (both).
-    "fast": ("triton", "auto", True, "strict", False, None, None, False),
-    "fast_eager": ("triton", "auto", False, "strict", False, None, None, False),
-    "fast_cl": ("triton", "auto", True, "strict", False, None, None, True),
-    "fast_default": ("triton", "auto", True, "default", False, None, None, False),
-    "fast_tf32": ("triton", "auto", True, "tf32", False, None, None, False),
-    "fast_bf16": ("triton", "auto", True, "strict", True, None, None, False),
-    "tile_fused": ("triton", "auto", True, "strict", False, "tile", 1 << 17, False),
-    "triton_unfused": ("triton", "materialised", False, "strict", False, None, None, False),
-    "release": ("release_scan", "materialised", False, "strict", False, "tile", None, False),
-    "release_default": ("release_scan", "materialised", False, "default", False, "tile", None, False),
-    "torch": ("torch", "model", False, "strict", False, None, None, False),
-    "fast_compiled": ("triton", "auto", True, "strict", False, None, None, False),  # + torch.compile
+    # name: PathSpec(scan backend, route mode, graph, precision, bf16, forward kernel, largest
+    #       fused map, channels_last model and input)
+    "fast": PathSpec("triton", "auto", True, "strict", False, None, None, False),
+    "fast_eager": PathSpec("triton", "auto", False, "strict", False, None, None, False),
+    "fast_cl": PathSpec("triton", "auto", True, "strict", False, None, None, True),
+    "fast_default": PathSpec("triton", "auto", True, "default", False, None, None, False),
+    "fast_tf32": PathSpec("triton", "auto", True, "tf32", False, None, None, False),
+    "fast_bf16": PathSpec("triton", "auto", True, "strict", True, None, None, False),
+    "tile_fused": PathSpec("triton", "auto", True, "strict", False, "tile", 1 << 17, False),
+    "triton_unfused": PathSpec("triton", "materialised", False, "strict", False, None, None, False),
+    "release": PathSpec("release_scan", "materialised", False, "strict", False, "tile", None, False),
+    "release_default": PathSpec("release_scan", "materialised", False, "default", False, "tile", None, False),
+    "torch": PathSpec("torch", "model", False, "strict", False, None, None, False),
+    "fast_compiled": PathSpec("triton", "auto", True, "strict", False, None, None, False),  # + torch.compile
 }
 TRAIN_PATHS = ["fast", "fast_eager", "fast_default", "tile_fused", "release", "release_default", "torch"]
 PRECISIONS = {"strict": (False, False), "default": (False, True), "tf32": (True, True)}  # (matmul, cudnn)
 
 
 def memory_format(path: str):
-    return torch.channels_last if PATHS[path][7] else torch.contiguous_format
+    return torch.channels_last if PATHS[path].channels_last else torch.contiguous_format
 
 
 @contextlib.contextmanager
 def path_settings(name: str):
-    backend, mode, _graph, precision, _bf16, kernel, fuse_max, _cl = PATHS[name]
+    spec = PATHS[name]
     old = (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
            st.FORWARD_KERNEL, st.FUSE_MAX_POSITIONS)
-    _ROUTE_MODE["mode"] = mode
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = PRECISIONS[precision]
-    st.FORWARD_KERNEL = kernel or st.FORWARD_KERNEL
-    st.FUSE_MAX_POSITIONS = fuse_max or st.FUSE_MAX_POSITIONS
+    _ROUTE_MODE["mode"] = spec.route_mode
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = PRECISIONS[spec.precision]
+    st.FORWARD_KERNEL = spec.kernel or st.FORWARD_KERNEL
+    st.FUSE_MAX_POSITIONS = spec.fuse_max or st.FUSE_MAX_POSITIONS
     try:
-        with use_backend(backend):
+        with use_backend(spec.backend):
             yield
     finally:
         (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
@@ -173,7 +188,7 @@ def path_settings(name: str):
 
 
 def autocast_ctx(name: str, device):
-    if PATHS[name][4]:
+    if PATHS[name].bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
@@ -455,12 +470,12 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
     failed: set[str] = set()
     models = models or {}
     if device.type != "cuda":
-        order = [p for p in order if not PATHS[p][2]]
+        order = [p for p in order if not PATHS[p].graph]
     for size in sizes:
         x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)).to(device)
         for path in order:
             net = models.get(path, model)
-            if PATHS[path][7]:
+            if PATHS[path].channels_last:
                 net = copy.deepcopy(net).to(memory_format=torch.channels_last)
             xin = x.contiguous(memory_format=memory_format(path))
             row = dict(size=size, path=path)
@@ -479,7 +494,7 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
                     with path_settings(path):
                         reset_peak(device)
                         t0 = time.perf_counter()
-                        if PATHS[path][2]:
+                        if PATHS[path].graph:
                             graph, static_y = capture_inference(net, xin, path, device)
                             fn = graph.replay
                         else:
@@ -490,14 +505,14 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
                         sync(device)
                         first_s = time.perf_counter() - t0
                         mem = peak_mb(device)
-                        if first_s > args.point_limit_s / 2 and not PATHS[path][2]:
+                        if first_s > args.point_limit_s / 2 and not PATHS[path].graph:
                             ms, reps = first_s * 1e3, 1  # one slow forward is the measurement
                         else:
                             ms, reps = timed(fn, device, min_reps=3, max_reps=20, target_s=1.0)
                         y = static_y.float()
                         # the reference of a path: the first torch/release output at its size and
                         # precision (strict-fp32 references also serve the bf16 path)
-                        key = size if PATHS[path][3] == "strict" else (size, PATHS[path][3])
+                        key = size if PATHS[path].precision == "strict" else (size, PATHS[path].precision)
                         if key not in refs and path.startswith(("torch", "release")):
                             refs[key] = (path, y.cpu())
                         elif key in refs and refs[key][0] != path:
@@ -505,7 +520,7 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
                             row["diff_vs"] = refs[key][0]
                         row.update(ms=ms, reps=reps, peak_MB=mem, first_call_s=first_s)
                         last_ms[path] = (size, ms)
-                        if PATHS[path][2]:
+                        if PATHS[path].graph:
                             del graph
                         del static_y, y
                 except Exception as e:  # noqa: BLE001
@@ -552,7 +567,7 @@ def train_estimate_ms(infer_ms: dict, path: str, bsz: int, size: int):
 def phase_training(args, device, base_model, log, deadline, inference_rows) -> list[dict]:
     rows = []
     infer_ms = {(r["size"], r["path"]): r.get("ms", float("nan")) for r in inference_rows}
-    paths = [p for p in args.train_paths if device.type == "cuda" or not PATHS[p][2]]
+    paths = [p for p in args.train_paths if device.type == "cuda" or not PATHS[p].graph]
     for spec in args.train:
         bsz, size = (int(v) for v in spec.lower().split("x"))
         gen = torch.Generator().manual_seed(bsz * size)
@@ -572,7 +587,7 @@ def phase_training(args, device, base_model, log, deadline, inference_rows) -> l
                     with path_settings(path):
                         model = copy.deepcopy(base_model).to(device).train().to(memory_format=memory_format(path))
                         x, t = x.contiguous(memory_format=memory_format(path)), t.contiguous(memory_format=memory_format(path))
-                        graph_mode = PATHS[path][2]
+                        graph_mode = PATHS[path].graph
                         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph_mode)
                         reset_peak(device)
                         t0 = time.perf_counter()
@@ -881,7 +896,7 @@ def inference_pivot(rows) -> tuple[list[dict], list[str]]:
         rl = next((r for r in rows if r["size"] == size and r["path"] == "release"), {})
         line["speed-up fast vs release"] = (rl.get("ms", float("nan")) / fast_ms) if fast_ms == fast_ms else float("nan")
         diffs = [r["max_rel_diff"] for r in rows if r["size"] == size and "max_rel_diff" in r
-                 and PATHS[r["path"]][3] == "strict" and not PATHS[r["path"]][4]]
+                 and PATHS[r["path"]].precision == "strict" and not PATHS[r["path"]].bf16]
         line["max rel diff, strict-fp32 paths"] = max(diffs) if diffs else float("nan")
         dflt = next((r for r in rows if r["size"] == size and r["path"] == "fast_default"), {})
         line["rel diff fast_default vs release_default"] = dflt.get("max_rel_diff", float("nan"))
@@ -973,7 +988,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-kernel", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--profile-path", default="fast_eager", choices=[p for p in PATHS if not PATHS[p][2]],
+    parser.add_argument("--profile-path", default="fast_eager", choices=[p for p in PATHS if not PATHS[p].graph],
                         help="the (eager) path whose kernels are profiled")
     parser.add_argument("--train-first", action="store_true", help="run the training phase before inference")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) + CUDA graph")
