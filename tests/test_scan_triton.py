@@ -32,6 +32,9 @@ SCAN_CASES = {
     # the step-sequential forward kernel (segments of 5 or 7 steps, 4-step unroll with a tail)
     "step_L37_g8_segments": ((1, 8, 37, 4, 8), dict(step_seg_len=5, block_t=8, seg_tiles=1)),
     "step_L53_n16_blocks_of_4": ((1, 16, 53, 16, 2), dict(step_seg_len=7, step_block_d=4, block_t=16)),
+    # step backward: blocks holding 2 groups of 4 channels, the last block half empty
+    "step_L41_groups_in_block_partial": ((2, 12, 41, 4, 3), dict(step_seg_len=5, step_block_d=8)),
+    "step_L30_one_segment": ((1, 8, 30, 3, 2), dict(step_seg_len=64)),
 }
 
 
@@ -75,9 +78,10 @@ def _check_scan(shape, overrides, dtype_name="float32", softplus=True):
     step = {k[len("step_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("step_")}
     if step:
         y2 = scan_triton._forward_step(*args, softplus, **step)
-    else:
-        y2 = scan_triton._forward(*args, softplus, **overrides)  # overrides select the tile kernel
-    g2 = scan_triton._backward(*args, softplus, dy.to(dtype), **overrides)
+        g2 = scan_triton._backward_step(*args, softplus, dy.to(dtype), **step)
+    else:  # overrides select the tile kernels
+        y2 = scan_triton._forward(*args, softplus, **overrides)
+        g2 = scan_triton._backward(*args, softplus, dy.to(dtype), **overrides)
     errs = {"y": _rel(y2, y.detach())}
     for name, ours, ref in zip(leaves, g2, grads):
         errs["d" + name] = _rel(ours, ref)
@@ -130,15 +134,17 @@ def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="
         xx = x.detach().to(dtype).clone().requires_grad_()
         ps = [params[k].detach().to(dtype).clone().requires_grad_() for k in order]
         if kind == "fused":
-            saved = scan_triton.FORWARD_KERNEL, scan_triton.ROUTED_BACKWARD
-            scan_triton.FORWARD_KERNEL, scan_triton.ROUTED_BACKWARD = kernel, routed_backward
+            saved = scan_triton.FORWARD_KERNEL, scan_triton.BACKWARD_KERNEL, scan_triton.ROUTED_BACKWARD
+            # the forward kernel's family runs the backward too (session 1's path: tile + tile)
+            scan_triton.FORWARD_KERNEL, scan_triton.BACKWARD_KERNEL, scan_triton.ROUTED_BACKWARD = (
+                kernel, kernel, routed_backward)
             try:
                 xin = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
                 y = scan_triton.fused_multi_route_scan(xin, head_routes, merge, *ps)
                 gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
                 y.backward(gy)
             finally:
-                scan_triton.FORWARD_KERNEL, scan_triton.ROUTED_BACKWARD = saved
+                scan_triton.FORWARD_KERNEL, scan_triton.BACKWARD_KERNEL, scan_triton.ROUTED_BACKWARD = saved
         else:
             y = multi_route_scan(xx, head_routes, merge, *ps, backend="reference")
             gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)

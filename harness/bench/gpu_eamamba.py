@@ -144,6 +144,7 @@ class PathSpec(NamedTuple):
     kernel: str | None
     fuse_max: int | None
     channels_last: bool
+    cudnn_benchmark: bool = False  # let cuDNN time its algorithms per shape (exact in strict fp32 too)
 
 
 PATHS = {
@@ -152,6 +153,7 @@ PATHS = {
     "fast": PathSpec("triton", "auto", True, "strict", False, None, None, False),
     "fast_eager": PathSpec("triton", "auto", False, "strict", False, None, None, False),
     "fast_cl": PathSpec("triton", "auto", True, "strict", False, None, None, True),
+    "fast_bench": PathSpec("triton", "auto", True, "strict", False, None, None, False, True),
     "fast_default": PathSpec("triton", "auto", True, "default", False, None, None, False),
     "fast_tf32": PathSpec("triton", "auto", True, "tf32", False, None, None, False),
     "fast_bf16": PathSpec("triton", "auto", True, "strict", True, None, None, False),
@@ -162,7 +164,7 @@ PATHS = {
     "torch": PathSpec("torch", "model", False, "strict", False, None, None, False),
     "fast_compiled": PathSpec("triton", "auto", True, "strict", False, None, None, False),  # + torch.compile
 }
-TRAIN_PATHS = ["fast", "fast_eager", "fast_default", "tile_fused", "release", "release_default", "torch"]
+TRAIN_PATHS = ["fast", "fast_bench", "fast_eager", "fast_default", "tile_fused", "release", "release_default", "torch"]
 PRECISIONS = {"strict": (False, False), "default": (False, True), "tf32": (True, True)}  # (matmul, cudnn)
 
 
@@ -174,17 +176,19 @@ def memory_format(path: str):
 def path_settings(name: str):
     spec = PATHS[name]
     old = (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-           st.FORWARD_KERNEL, st.FUSE_MAX_POSITIONS)
+           st.FORWARD_KERNEL, st.BACKWARD_KERNEL, st.FUSE_MAX_POSITIONS, torch.backends.cudnn.benchmark)
     _ROUTE_MODE["mode"] = spec.route_mode
+    torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = PRECISIONS[spec.precision]
     st.FORWARD_KERNEL = spec.kernel or st.FORWARD_KERNEL
+    st.BACKWARD_KERNEL = spec.kernel or st.BACKWARD_KERNEL
     st.FUSE_MAX_POSITIONS = spec.fuse_max or st.FUSE_MAX_POSITIONS
     try:
         with use_backend(spec.backend):
             yield
     finally:
         (_ROUTE_MODE["mode"], torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         st.FORWARD_KERNEL, st.FUSE_MAX_POSITIONS) = old
+         st.FORWARD_KERNEL, st.BACKWARD_KERNEL, st.FUSE_MAX_POSITIONS, torch.backends.cudnn.benchmark) = old
 
 
 def autocast_ctx(name: str, device):
@@ -321,14 +325,14 @@ def phase_checks(args, device, model, log) -> list[dict]:
                    ("all_around", "concat", 16, 32, 17, 13)]
     if device.type != "cuda":
         fused_cases = [("all_around", "concat", 8, 16, 5, 7)]
-    checks = [(f"scan ({{}} fwd) b{s[0]} d{s[1]} L{s[2]} n{s[3]} g{s[4]}", lambda s=s: check_scan(s, device))
+    checks = [(f"scan ({{}} kernels) b{s[0]} d{s[1]} L{s[2]} n{s[3]} g{s[4]}", lambda s=s: check_scan(s, device))
               for s in shapes]
-    checks += [(f"fused ({{}} fwd) {c[1]} {c[0]} heads{c[2]} D{c[3]} {c[4]}x{c[5]}",
+    checks += [(f"fused ({{}} kernels) {c[1]} {c[0]} heads{c[2]} D{c[3]} {c[4]}x{c[5]}",
                 lambda c=c: check_fused(*c, device=device)) for c in fused_cases]
-    saved_kernel = st.FORWARD_KERNEL
-    for kernel in ("tile", "step"):  # every check under each forward kernel
+    saved_kernel = st.FORWARD_KERNEL, st.BACKWARD_KERNEL
+    for kernel in ("tile", "step"):  # every check under each kernel family (forward and backward)
         for label, check in checks:
-            st.FORWARD_KERNEL = kernel
+            st.FORWARD_KERNEL = st.BACKWARD_KERNEL = kernel
             row = dict(check=label.format(kernel), max_rel=float("nan"), tol=1e-5)
             try:
                 errs = check()
@@ -337,7 +341,7 @@ def phase_checks(args, device, model, log) -> list[dict]:
                 row.update(detail=fail_text(e))
                 traceback.print_exc()
             finally:
-                st.FORWARD_KERNEL = saved_kernel
+                st.FORWARD_KERNEL, st.BACKWARD_KERNEL = saved_kernel
             rows.append(row)
             log(row)
     # whole model: outputs and all parameter gradients vs a float64 torch-backend model
@@ -395,7 +399,7 @@ def phase_kernel(args, device, log) -> list[dict]:
         design_fwd = min_fwd + (4 * b * (2 * d * L + g * n * L) if nseg_default > 1 else 0)
         cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
         cl4 = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731
-        u_cl, dl_cl, B_cl, C_cl = cl3(u), cl3(dl), cl4(B), cl4(C)
+        u_cl, dl_cl, B_cl, C_cl, dy_cl = cl3(u), cl3(dl), cl4(B), cl4(C), cl3(dy)
         out_cl = torch.empty(b, L, d, device=device).transpose(1, 2)
         variants = {
             "triton fwd": lambda: st._forward_tile(u, dl, A, B, C, D, bias, True),
@@ -405,8 +409,10 @@ def phase_kernel(args, device, log) -> list[dict]:
             "step kernel, channels-last, routed": lambda: st._forward_step(u_cl, dl_cl, A, B_cl, C_cl, D, bias, True,
                                                                            idx=idx, out=out_cl),
             "triton fwd, routed (all_around)": lambda: st._forward_tile(u, dl, A, B, C, D, bias, True, idx=idx),
-            "triton bwd": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy),
-            "triton bwd, routed": lambda: st._backward(u, dl, A, B, C, D, bias, True, dy, idx=idx),
+            "triton bwd": lambda: st._backward_tile(u, dl, A, B, C, D, bias, True, dy),
+            "triton bwd, routed": lambda: st._backward_tile(u, dl, A, B, C, D, bias, True, dy, idx=idx),
+            "step bwd, channels-last, routed": lambda: st._backward_step(u_cl, dl_cl, A, B_cl, C_cl, D, bias, True,
+                                                                        dy_cl, idx=idx),
             "per-channel fwd (release-style)": lambda: _release_fwd(u, dl, A, B, C, D, bias, True),
             "per-channel bwd (release-style)": lambda: _release_bwd(u, dl, A, B, C, D, bias, True, dy),
             "torch fwd": lambda: selective_scan(u, dl, A, B, C, D=D, delta_bias=bias, delta_softplus=True,
@@ -459,7 +465,7 @@ def capture_inference(model, x, name, device):
     return graph, static_y
 
 
-INFERENCE_ORDER = ["torch", "release", "release_default", "triton_unfused", "tile_fused", "fast_eager", "fast",
+INFERENCE_ORDER = ["torch", "release", "release_default", "triton_unfused", "tile_fused", "fast_eager", "fast", "fast_bench",
                    "fast_cl", "fast_default", "fast_tf32", "fast_bf16"]
 
 
@@ -748,11 +754,44 @@ def sweep_step_kernel(device, log, deadline) -> list[dict]:
     return rows
 
 
+def sweep_step_backward(device, log, deadline) -> list[dict]:
+    """The step backward's knobs (unroll, segments, register cap) on channels-last, routed inputs."""
+    rows: list[dict] = []
+    knobs = ("STEP_BWD_UNROLL", "STEP_WARPS_PER_SM", "STEP_MIN_SEGMENT", "STEP_MAXNREG")
+    settings = [{}, dict(STEP_BWD_UNROLL=1), dict(STEP_BWD_UNROLL=4), dict(STEP_WARPS_PER_SM=64),
+                dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16), dict(STEP_WARPS_PER_SM=16),
+                dict(STEP_MAXNREG=128), dict(STEP_MAXNREG=168), dict(STEP_MAXNREG=128, STEP_BWD_UNROLL=1)]
+    g, n = 8, 16
+    for b, d, side in [(8, 64, 128), (1, 64, 256), (8, 128, 64), (1, 512, 32)]:
+        L = side * side
+        inp = {k: v.float() for k, v in scan_case(b, d, L, n, g, device, seed=9).items()}
+        cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+        u, dl, dy = cl3(inp["u"]), cl3(inp["delta"]), cl3(inp["z"])
+        B = inp["B"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        C = inp["C"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        A, D, bias = inp["A"], inp["D"], inp["delta_bias"]
+        idx = st.route_index(tuple(ROUTE_SETS["all_around"]), side, side, device)
+        fns = {"bwd_routed_ms": lambda: st._backward_step(u, dl, A, B, C, D, bias, True, dy, idx=idx)}
+        _time_settings(settings, knobs, fns,
+                       lambda s: dict(shape=f"b{b} d{d} L{side}^2",
+                                      setting="step bwd " + (json.dumps(s) if s else "default"),
+                                      segments=st._step_segments(b, d, L, device)[1]),
+                       device, log, deadline, rows, max_reps=20)
+        del inp, u, dl, dy, A, B, C, D, bias
+        reset_peak(device)
+    return rows
+
+
 def phase_sweep(args, device, log, deadline) -> list[dict]:
     rows = []
     if device.type != "cuda":
         return rows
-    rows += sweep_step_kernel(device, log, deadline)
+    if "step_bwd" in args.sweeps:
+        rows += sweep_step_backward(device, log, deadline)
+    if "step_fwd" in args.sweeps:
+        rows += sweep_step_kernel(device, log, deadline)
+    if "tile" not in args.sweeps:
+        return rows
     knobs = ("PROGRAMS_PER_SM", "FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS", "MAX_BLOCK_D", "FWD_WARPS", "BWD_WARPS")
     settings = [{}, dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=8), dict(FWD_TILE_ELEMENTS=2048),
                 dict(FWD_TILE_ELEMENTS=8192, FWD_WARPS=8), dict(MAX_BLOCK_D=4), dict(BWD_TILE_ELEMENTS=4096, BWD_WARPS=8),
@@ -987,6 +1026,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-checks", action="store_true")
     parser.add_argument("--no-kernel", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--sweeps", nargs="+", default=["step_bwd", "step_fwd", "tile"],
+                        choices=["step_bwd", "step_fwd", "tile"], help="which kernel-knob sweeps run")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-path", default="fast_eager", choices=[p for p in PATHS if not PATHS[p].graph],
                         help="the (eager) path whose kernels are profiled")

@@ -80,6 +80,10 @@ STEP_WARPS_PER_SM = 32  # segments are cut until about this many warps per multi
 STEP_MAX_SEGMENTS = 4096
 STEP_MIN_SEGMENT = 32
 STEP_MAXNREG = None  # register cap per thread for the step kernel (None: the compiler's choice)
+# Backward pass: "step" (the adjoint of the step kernel, one thread per channel, on stored
+# forward states) or "tile" (session 1's tile kernels).
+BACKWARD_KERNEL = "step"
+STEP_BWD_UNROLL = 1  # H200 run 8: fastest of 1, 2, 4 at all four swept shapes (b8 d64 128² 1.65 ms vs 1.78 at 2)
 CARRY_BLOCK_S = 64  # segments per associative scan in the segment carry
 CARRY_BLOCK_M = 32
 CARRY_WARPS = 4
@@ -371,12 +375,13 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_STEP_RUNTIME)
     def _fwd_step_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, idx_ptr, y_ptr, hin_ptr, end_ptr, prod_ptr,
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, idx_ptr, y_ptr, hin_ptr, end_ptr, prod_ptr, h_ptr,
         L, U_CH, NCH, DG, N, NSEG, SEG_LEN,
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sB_b, sB_g, sB_l, sC_b, sC_g, sC_l, sy_b, sy_c, sy_l,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CARRY: tl.constexpr, END_ONLY: tl.constexpr,
         BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+        WRITE_Y: tl.constexpr = True, STORE_H: tl.constexpr = False,
     ):
         """Forward, one step at a time, one thread per channel holding all its states.
 
@@ -391,7 +396,9 @@ if triton is not None:
 
         Program = (block of BD channels, segment, batch). END_ONLY: pass 1 (zero start; the
         segment's end state and decay product). Otherwise pass 3 (start from hin if HAS_CARRY;
-        write y). Segment states are laid out (batch, segment, state, channel).
+        write y if WRITE_Y; write the state after every step to h, laid out (batch, step, state,
+        channel), if STORE_H: the backward kernel reads it). Segment states are laid out
+        (batch, segment, state, channel).
         """
         cb = tl.program_id(0)
         seg = tl.program_id(1)
@@ -422,6 +429,8 @@ if triton is not None:
         C_off = grp[None, :] * sC_g + offs_n[:, None]
         idx_rows = idx_ptr + grp * L
         state_off = ((bi * NSEG + seg) * N + offs_n[:, None]) * NCH + ch[None, :]
+        h_base = h_ptr + bi * L * N * NCH  # STORE_H: (batch, step, state, channel)
+        h_off = offs_n[:, None] * NCH + ch[None, :]
         if HAS_CARRY:
             h = tl.load(tl.max_contiguous(hin_ptr + state_off, [1, BD]), mask=m_nd, other=0.0)
         else:
@@ -450,7 +459,7 @@ if triton is not None:
                 h = tl.exp2(dlt[None, :] * A2) * h + (dlt * uu)[None, :] * Bv
                 if END_ONLY:
                     dsum += dlt
-                else:
+                if WRITE_Y and not END_ONLY:
                     Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
                                  other=0.0)
                     y = tl.sum(h * Cv, axis=0)
@@ -460,9 +469,151 @@ if triton is not None:
                         tl.atomic_add(y_base + (y_off + pos * sy_l), y, mask=ok)
                     else:
                         tl.store(y_base + (y_off + pos * sy_l), y, mask=ok)
+                if STORE_H and not END_ONLY:
+                    tl.store(tl.max_contiguous(h_base + t.to(tl.int64) * N * NCH + h_off, [1, BD]), h, mask=m2)
         if END_ONLY:
             tl.store(tl.max_contiguous(end_ptr + state_off, [1, BD]), h, mask=m_nd)
             tl.store(tl.max_contiguous(prod_ptr + state_off, [1, BD]), tl.exp2(dsum[None, :] * A2), mask=m_nd)
+
+    @triton.jit
+    def _partial_sum(x, BN: tl.constexpr, BD: tl.constexpr, W: tl.constexpr):
+        """(BN, BD) -> (BN, BD // W): sums over each run of W channels (lanes)."""
+        return tl.sum(tl.reshape(x, (BN, BD // W, W)), axis=2)
+
+    @triton.jit(do_not_specialize=_STEP_RUNTIME + ["sdu_b", "sdu_c", "sdu_l", "sdd_b", "sdd_c", "sdd_l"])
+    def _bwd_step_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, idx_ptr, dy_ptr, h_ptr, gin_ptr,
+        du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, end_ptr, prod_ptr,
+        L, U_CH, NCH, DG, N, NSEG, SEG_LEN,
+        su_b, su_c, su_l, sd_b, sd_c, sd_l, sB_b, sB_g, sB_l, sC_b, sC_g, sC_l, sy_b, sy_c, sy_l,
+        sdu_b, sdu_c, sdu_l, sdd_b, sdd_c, sdd_l,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
+        ACCUM: tl.constexpr, HAS_CARRY: tl.constexpr, END_ONLY: tl.constexpr,
+        BD: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
+    ):
+        """Backward of the step kernel: the adjoint walked backwards in time, one step at a time.
+
+        With g_t = ∂loss/∂x_t and r_t = a_t g_t (what step t hands to step t-1):
+        g_t = r_{t+1} + C_t dy_t, and from g_t and the stored states x_{t-1}, x_t:
+        du_t = Δ_t Σ_n g_t B_t (+ D dy_t), dΔ_t = Σ_n g_t (A a_t x_{t-1} + B_t u_t) (then through
+        the softplus), dA += g_t a_t x_{t-1} Δ_t, dB_t = Σ_c g_t Δ_t u_t, dC_t = Σ_c dy_t x_t.
+        The sums over channels run over W lanes at a time (one partial per W channels, summed
+        over a group's partials by the launcher when a group spans blocks).
+
+        Same layout and program grid as the forward step kernel; the states x_t come from h,
+        (batch, step, state, channel). END_ONLY: pass 1 of the reverse segment chain (zero r at
+        the segment's end; writes r at its start and the decay product). Otherwise start from
+        gin (HAS_CARRY) and write every gradient; dA per (batch, segment).
+        """
+        cb = tl.program_id(0)
+        seg = tl.program_id(1)
+        bi = tl.program_id(2).to(tl.int64)
+        ch = cb * BD + tl.arange(0, BD)
+        ch_ok = ch < NCH
+        grp = ch // DG
+        uch = ch % U_CH
+        offs_n = tl.arange(0, BN)
+        n_ok = offs_n < N
+        m_nd = n_ok[:, None] & ch_ok[None, :]
+        A2 = tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs_n[:, None], [1, BD]), mask=m_nd,
+                     other=0.0) * 1.4426950408889634
+        if HAS_D:
+            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
+        u_base = u_ptr + bi * su_b
+        dt_base = dt_ptr + bi * sd_b
+        dy_base = dy_ptr + bi * sy_b
+        du_base = du_ptr + bi * sdu_b
+        ddt_base = ddt_ptr + bi * sdd_b
+        B_base = B_ptr + bi * sB_b
+        C_base = C_ptr + bi * sC_b
+        B_off = grp[None, :] * sB_g + offs_n[:, None]  # (BN, BD)
+        C_off = grp[None, :] * sC_g + offs_n[:, None]
+        idx_rows = idx_ptr + grp * L
+        h_base = h_ptr + bi * L * N * NCH
+        h_off = offs_n[:, None] * NCH + ch[None, :]
+        # partial sums: (batch, position, partial, state), partial q of this block = channels
+        # [cb·BD + q·W, cb·BD + (q+1)·W), of group (cb·BD + q·W) // DG
+        P = NCH // W
+        part = cb * (BD // W) + tl.arange(0, BD // W)
+        part_ok = part < P
+        part_grp = (part * W) // DG
+        part_idx = idx_ptr + part_grp * L
+        dB_base = dB_ptr + bi * L * P * N
+        dC_base = dC_ptr + bi * L * P * N
+        part_off = part[None, :] * N + offs_n[:, None]  # (BN, BD // W)
+        m_part = n_ok[:, None] & part_ok[None, :]
+        state_off = ((bi * NSEG + seg) * N + offs_n[:, None]) * NCH + ch[None, :]
+        if HAS_CARRY:
+            r = tl.load(tl.max_contiguous(gin_ptr + state_off, [1, BD]), mask=m_nd, other=0.0)
+        else:
+            r = tl.zeros((BN, BD), dtype=A2.dtype)
+        dsum = tl.zeros((BD,), dtype=A2.dtype)
+        dA_acc = tl.zeros((BN, BD), dtype=A2.dtype)
+        t_begin = seg * SEG_LEN
+        t_end = tl.minimum(t_begin + SEG_LEN, L)
+        if not END_ONLY:
+            h_cur = tl.load(tl.max_contiguous(h_base + (t_end - 1).to(tl.int64) * N * NCH + h_off, [1, BD]),
+                            mask=m_nd, other=0.0)
+        for k0 in range(0, t_end - t_begin, UNROLL):
+            for j in tl.static_range(UNROLL):
+                t = t_end - 1 - (k0 + j)
+                ok = ch_ok & (t >= t_begin)
+                if ROUTED:
+                    pos = tl.load(idx_rows + t, mask=ok, other=0)
+                else:
+                    pos = t + tl.zeros((BD,), dtype=tl.int32)
+                m2 = n_ok[:, None] & ok[None, :]
+                raw = tl.load(dt_base + (ch * sd_c + pos * sd_l), mask=ok, other=0.0)
+                if HAS_BIAS:
+                    raw = raw + bias
+                dlt = tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
+                dyv = tl.load(dy_base + (uch * sy_c + pos * sy_l), mask=ok, other=0.0)
+                Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
+                             other=0.0)
+                g = r + Cv * dyv[None, :]
+                a = tl.exp2(dlt[None, :] * A2)
+                if END_ONLY:
+                    dsum += dlt
+                else:
+                    h_prev = tl.load(tl.max_contiguous(h_base + (t - 1).to(tl.int64) * N * NCH + h_off, [1, BD]),
+                                     mask=m2 & (t >= 1), other=0.0)
+                    uu = tl.load(u_base + (uch * su_c + pos * su_l), mask=ok, other=0.0)
+                    Bv = tl.load(tl.max_contiguous(B_base + (B_off + (pos * sB_l)[None, :]), [1, BD]), mask=m2,
+                                 other=0.0)
+                    gB = tl.sum(g * Bv, axis=0)
+                    du = dlt * gB
+                    if HAS_D:
+                        du = du + Dv * dyv
+                    gah = g * a * h_prev
+                    # Σ_n g a x_{t-1} A, with A = A2 · ln 2
+                    ddl = tl.sum(gah * A2, axis=0) * 0.6931471805599453 + gB * uu
+                    if SOFTPLUS:  # softplus' derivative, with torch's threshold
+                        ddl = tl.where(raw > 20.0, ddl, ddl / (1.0 + tl.exp(-raw)))
+                    dA_acc += gah * dlt[None, :]
+                    dBv = _partial_sum(g * (dlt * uu)[None, :], BN, BD, W)
+                    dCv = _partial_sum(h_cur * dyv[None, :], BN, BD, W)
+                    if ACCUM:
+                        tl.atomic_add(du_base + (uch * sdu_c + pos * sdu_l), du, mask=ok)
+                    else:
+                        tl.store(du_base + (uch * sdu_c + pos * sdu_l), du, mask=ok)
+                    tl.store(ddt_base + (ch * sdd_c + pos * sdd_l), ddl, mask=ok)
+                    t_ok = t >= t_begin
+                    if ROUTED:
+                        ppos = tl.load(part_idx + t, mask=part_ok & t_ok, other=0)
+                    else:
+                        ppos = t + tl.zeros((BD // W,), dtype=tl.int32)
+                    poff = (ppos * (P * N))[None, :] + part_off
+                    tl.store(dB_base + poff, dBv, mask=m_part & t_ok)
+                    tl.store(dC_base + poff, dCv, mask=m_part & t_ok)
+                    h_cur = h_prev
+                r = a * g
+        if END_ONLY:
+            tl.store(tl.max_contiguous(end_ptr + state_off, [1, BD]), r, mask=m_nd)
+            tl.store(tl.max_contiguous(prod_ptr + state_off, [1, BD]), tl.exp2(dsum[None, :] * A2), mask=m_nd)
+        else:
+            tl.store(tl.max_contiguous(dA_ptr + state_off, [1, BD]), dA_acc, mask=m_nd)
 
     @triton.jit(do_not_specialize=["NSEG", "M"])
     def _segment_carry_kernel(end_ptr, prod_ptr, out_ptr, NSEG, M, BS: tl.constexpr, BM: tl.constexpr,
@@ -650,61 +801,169 @@ def _step_segments(b: int, NCH: int, L: int, device, seg_len: int | None = None,
     return seg_len, -(-L // seg_len)
 
 
+def _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx, seg_len, block_d, extra=()):
+    """What the step kernels' launches share: B/C in (b, L, g, n) memory, the size checks, the
+    run-time sizes and strides, the flags, the grid and the placeholder pointers."""
+    b, U_CH, L = u.shape
+    NCH, N = A.shape
+    G = B.shape[1]
+    BD = block_d or 32 * STEP_WARPS
+    seg_len, nseg = _step_segments(b, NCH, L, u.device, seg_len, BD)
+    if B.stride(2) != 1 or C.stride(2) != 1:  # the kernels want (b, L, g, n) in memory
+        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    for t in (u, delta, B, C, *extra):
+        if max((s - 1) * st for s, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+            raise ValueError(f"selective scan (step kernel): one batch item of a {tuple(t.shape)} tensor "
+                             f"spans 2^31 elements or more")
+    if b * nseg * N * NCH >= 2 ** 31:
+        raise ValueError("selective scan (step kernel): too many segment states for 32-bit offsets")
+    strides = dict(zip(("su_b", "su_c", "su_l"), u.stride())) | dict(zip(("sd_b", "sd_c", "sd_l"), delta.stride()))
+    strides |= dict(zip(("sB_b", "sB_g", "sB_l"), B.stride()[:2] + B.stride()[3:]))
+    strides |= dict(zip(("sC_b", "sC_g", "sC_l"), C.stride()[:2] + C.stride()[3:]))
+    sizes = dict(L=L, U_CH=U_CH, NCH=NCH, DG=NCH // G, N=N, NSEG=nseg, SEG_LEN=seg_len)
+    flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+                 ROUTED=idx is not None, BD=BD, BN=_next_pow2(N))
+    warps = max(1, min(BD // 32, 8)) if BD >= 32 else 1
+    launch = dict(num_warps=warps) | ({"maxnreg": STEP_MAXNREG} if STEP_MAXNREG and not INTERPRET else {})
+    ptrs = (D if D is not None else A, delta_bias if delta_bias is not None else A, idx if idx is not None else u)
+    return B, C, sizes, strides, flags, launch, (-(-NCH // BD), nseg, b), ptrs
+
+
+def _step_segment_starts(u, delta, A, B, C, ptrs, sizes, strides, flags, launch, grid):
+    """Passes 1-2 of the step forward: the state entering every segment, (b, nseg, N, NCH)."""
+    Dp, bp, ip = ptrs
+    b, nseg, N, NCH = u.shape[0], sizes["NSEG"], sizes["N"], sizes["NCH"]
+    end = torch.empty(b, nseg, N, NCH, device=u.device, dtype=u.dtype)
+    prod = torch.empty_like(end)
+    _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, u, u, end, prod, u, **sizes, **strides, **flags,
+                           sy_b=0, sy_c=0, sy_l=0, ACCUM=False, HAS_CARRY=False, END_ONLY=True,
+                           UNROLL=STEP_UNROLL, **launch)
+    return _chain_segments(end, prod)
+
+
+def _chain_segments(end, prod, reverse=False):
+    """out[:, s] = carry entering segment s of the chain carry' = end_s + prod_s · carry (from a
+    zero carry; from the last segment backwards when ``reverse``). (b, nseg, ...) tensors."""
+    if reverse:
+        return _chain_segments(end.flip(1), prod.flip(1)).flip(1)
+    b, nseg = end.shape[:2]
+    end, prod = end.reshape(b, nseg, -1).contiguous(), prod.reshape(b, nseg, -1).contiguous()
+    M = end.shape[-1]
+    out = torch.empty_like(end)
+    BS = 8 if INTERPRET else CARRY_BLOCK_S
+    BM = min(CARRY_BLOCK_M, _next_pow2(M))
+    _segment_carry_kernel[(-(-M // BM), b)](end, prod, out, nseg, M, BS=BS, BM=BM, SEQ=INTERPRET,
+                                            num_warps=CARRY_WARPS)
+    return out
+
+
 def _forward_step(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumulate=False, seg_len=None,
                   block_d=None, out=None):
     """``_forward`` with the step kernel. Every tensor may have any strides (channels-last views
     read and write coalesced); ``out`` (b, U_CH, L), any strides, receives y when given."""
     b, U_CH, L = u.shape
-    NCH, N = A.shape
-    G = B.shape[1]
-    DG = NCH // G
-    BD = block_d or 32 * STEP_WARPS
-    BN = _next_pow2(N)
-    ncb = -(-NCH // BD)
-    seg_len, nseg = _step_segments(b, NCH, L, u.device, seg_len, BD)
     if out is None:
         y = (torch.zeros if accumulate else torch.empty)(b, U_CH, L, device=u.device, dtype=u.dtype)
     else:
         y = out.zero_() if accumulate else out
     if L == 0:
         return y
-    strides = dict(zip(("su_b", "su_c", "su_l"), u.stride())) | dict(zip(("sd_b", "sd_c", "sd_l"), delta.stride()))
-    if B.stride(2) != 1 or C.stride(2) != 1:  # the kernel wants (b, L, g, n) in memory
-        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-        C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-    for t in (u, delta, B, C, y):
-        if max((s - 1) * st for s, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
-            raise ValueError(f"selective scan (step kernel): one batch item of a {tuple(t.shape)} tensor "
-                             f"spans 2^31 elements or more")
-    if b * nseg * N * NCH >= 2 ** 31:
-        raise ValueError("selective scan (step kernel): too many segment states for 32-bit offsets")
-    strides |= dict(zip(("sB_b", "sB_g", "sB_l"), B.stride()[:2] + B.stride()[3:]))
-    strides |= dict(zip(("sC_b", "sC_g", "sC_l"), C.stride()[:2] + C.stride()[3:]))
-    strides |= dict(zip(("sy_b", "sy_c", "sy_l"), y.stride()))
-    common = dict(L=L, U_CH=U_CH, NCH=NCH, DG=DG, N=N, NSEG=nseg, SEG_LEN=seg_len, **strides)
-    flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-                 ROUTED=idx is not None, BD=BD, BN=BN, UNROLL=STEP_UNROLL)
-    warps = max(1, min(BD // 32, 8)) if BD >= 32 else 1
-    launch = dict(num_warps=warps) | ({"maxnreg": STEP_MAXNREG} if STEP_MAXNREG and not INTERPRET else {})
-    Dp = D if D is not None else A
-    bp = delta_bias if delta_bias is not None else A
-    ip = idx if idx is not None else u
+    B, C, sizes, strides, flags, launch, grid, ptrs = _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx,
+                                                                  seg_len, block_d, extra=(y,))
     hin = u
-    grid = (ncb, nseg, b)
-    if nseg > 1:
-        end = torch.empty(b, nseg, N, NCH, device=u.device, dtype=u.dtype)
-        prod = torch.empty_like(end)
-        _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, u, end, prod, **common, **flags,
-                               ACCUM=False, HAS_CARRY=False, END_ONLY=True, **launch)
-        hin = torch.empty_like(end)
-        M = N * NCH
-        BS = 8 if INTERPRET else CARRY_BLOCK_S
-        BM = min(CARRY_BLOCK_M, _next_pow2(M))
-        _segment_carry_kernel[(-(-M // BM), b)](end, prod, hin, nseg, M, BS=BS, BM=BM, SEQ=INTERPRET,
-                                                num_warps=CARRY_WARPS)
-    _fwd_step_kernel[grid](u, delta, A, B, C, Dp, bp, ip, y, hin, u, u, **common, **flags,
-                           ACCUM=bool(accumulate), HAS_CARRY=nseg > 1, END_ONLY=False, **launch)
+    if sizes["NSEG"] > 1:
+        hin = _step_segment_starts(u, delta, A, B, C, ptrs, sizes, strides, flags, launch, grid)
+    _fwd_step_kernel[grid](u, delta, A, B, C, *ptrs, y, hin, u, u, u, **sizes, **strides, **flags,
+                           **dict(zip(("sy_b", "sy_c", "sy_l"), y.stride())), ACCUM=bool(accumulate),
+                           HAS_CARRY=sizes["NSEG"] > 1, END_ONLY=False, UNROLL=STEP_UNROLL, **launch)
     return y
+
+
+def _step_partial_width(DG: int, BD: int) -> int | None:
+    """Channels per partial dB/dC sum in the step backward: a whole block when the block lies
+    inside one group, one group when a block holds several whole groups (None: neither)."""
+    if DG % BD == 0:
+        return BD
+    if BD % DG == 0:
+        return DG
+    return None
+
+
+def _channels_last_like(t: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    """A new (b, c, L) tensor stored as (b, L, c)."""
+    b, c, L = t.shape
+    return (torch.zeros if zero else torch.empty)(b, L, c, device=t.device, dtype=t.dtype).transpose(1, 2)
+
+
+def _backward_step(u, delta, A, B, C, D, delta_bias, softplus, dy, idx=None, accumulate=False, seg_len=None,
+                   block_d=None):
+    """``_backward`` with the step kernels (any input strides; routed through ``idx``).
+
+    The forward states are recomputed (passes 1-3 of the step forward) and stored for every
+    step; the adjoint runs backwards in time over the same segments, chained by the same carry
+    kernel run from the right. du and ddelta come back stored channels-last ((b, L, c) memory),
+    dB and dC as (b, L, g, n) memory viewed (b, g, n, L).
+    """
+    b, U_CH, L = u.shape
+    NCH, N = A.shape
+    G = B.shape[1]
+    if L == 0:
+        raise ValueError("selective scan backward needs L >= 1")
+    B, C, sizes, strides, flags, launch, grid, ptrs = _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx,
+                                                                  seg_len, block_d, extra=(dy,))
+    BD, nseg = flags["BD"], sizes["NSEG"]
+    W = _step_partial_width(NCH // G, BD)
+    if W is None:
+        raise ValueError(f"step backward: {NCH // G} channels per group fit neither inside nor around "
+                         f"blocks of {BD} channels")
+    P = NCH // W
+    if L * P * N >= 2 ** 31:
+        raise ValueError("selective scan (step backward): too many positions for its offsets")
+    dev, dt_ = u.device, u.dtype
+    hin = u
+    if nseg > 1:
+        hin = _step_segment_starts(u, delta, A, B, C, ptrs, sizes, strides, flags, launch, grid)
+    states = torch.empty(b, L, N, NCH, device=dev, dtype=dt_)  # the state after every step
+    _fwd_step_kernel[grid](u, delta, A, B, C, *ptrs, u, hin, u, u, states, **sizes, **strides, **flags,
+                           sy_b=0, sy_c=0, sy_l=0, ACCUM=False, HAS_CARRY=nseg > 1, END_ONLY=False,
+                           WRITE_Y=False, STORE_H=True, UNROLL=STEP_UNROLL, **launch)
+    du = _channels_last_like(u, zero=bool(accumulate))
+    ddelta = _channels_last_like(delta)
+    dB_part = torch.empty(b, L, P, N, device=dev, dtype=dt_)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.empty(b, nseg, N, NCH, device=dev, dtype=dt_)
+    args = (u, delta, A, B, C, *ptrs, dy, states)
+    bwd = dict(**sizes, **strides, **dict(zip(("sy_b", "sy_c", "sy_l"), dy.stride())),
+               **dict(zip(("sdu_b", "sdu_c", "sdu_l"), du.stride())),
+               **dict(zip(("sdd_b", "sdd_c", "sdd_l"), ddelta.stride())),
+               **flags, W=W, UNROLL=STEP_BWD_UNROLL, **launch)
+    gin = u
+    if nseg > 1:
+        gend = torch.empty(b, nseg, N, NCH, device=dev, dtype=dt_)
+        gprod = torch.empty_like(gend)
+        _bwd_step_kernel[grid](*args, u, u, u, u, u, u, gend, gprod, ACCUM=False, HAS_CARRY=False,
+                               END_ONLY=True, **bwd)
+        gin = _chain_segments(gend, gprod, reverse=True)
+    _bwd_step_kernel[grid](*args, gin, du, ddelta, dA_part, dB_part, dC_part, u, u, ACCUM=bool(accumulate),
+                           HAS_CARRY=nseg > 1, END_ONLY=False, **bwd)
+    dA = dA_part.sum((0, 1)).t().contiguous()
+    if P > G:
+        dB_part = dB_part.view(b, L, G, P // G, N).sum(3)
+        dC_part = dC_part.view(b, L, G, P // G, N).sum(3)
+    dB = dB_part.permute(0, 2, 3, 1)
+    dC = dC_part.permute(0, 2, 3, 1)
+    dD = None
+    if D is not None:
+        dD = (dy * u).sum((0, 2))
+        if U_CH != NCH:
+            dD = dD.repeat(NCH // U_CH)
+    ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, ddelta_bias
+
+
+def step_backward_supported(NCH: int, G: int, block_d: int | None = None) -> bool:
+    return _step_partial_width(NCH // G, block_d or 32 * STEP_WARPS) is not None
 
 
 def _forward(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumulate=False, **overrides):
@@ -767,7 +1026,16 @@ def _forward_tile(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumula
 
 
 def _backward(u, delta, A, B, C, D, delta_bias, softplus, dy, idx=None, accumulate=False, **overrides):
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias) for ``_forward``'s layout and options."""
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias) for ``_forward``'s layout and options: the step
+    kernels (``BACKWARD_KERNEL``) where their channel blocks fit the groups, else the tile kernels
+    (also when ``overrides`` pick tile sizes)."""
+    if BACKWARD_KERNEL == "step" and not overrides and step_backward_supported(A.shape[0], B.shape[1]):
+        return _backward_step(u, delta, A, B, C, D, delta_bias, softplus, dy, idx, accumulate)
+    return _backward_tile(u, delta, A, B, C, D, delta_bias, softplus, dy, idx, accumulate, **overrides)
+
+
+def _backward_tile(u, delta, A, B, C, D, delta_bias, softplus, dy, idx=None, accumulate=False, **overrides):
+    """``_backward`` with the tile kernels (inputs contiguous)."""
     b, U_CH, L = u.shape
     NCH, N = A.shape
     G = B.shape[1]
@@ -896,10 +1164,11 @@ def _route_scan_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return y.transpose(1, 2).contiguous()
 
 
-# The backward kernels are tile kernels: reading through a route index they fetch one 32-byte
-# sector per step and channel, which measured about 2x slower than the same kernels on
-# route-ordered copies (b8 d64 128²: 7.1 against 3.9 ms). The backward therefore gathers its
-# inputs into route order, runs unrouted, and scatters the gradients back.
+# With the tile backward kernels (BACKWARD_KERNEL = "tile", or groups that do not fit the step
+# kernel's channel blocks): reading through a route index they fetch one 32-byte sector per step
+# and channel, which measured about 2x slower than the same kernels on route-ordered copies
+# (b8 d64 128²: 7.1 against 3.9 ms). That backward therefore gathers its inputs into route
+# order, runs unrouted, and scatters the gradients back, unless ROUTED_BACKWARD.
 ROUTED_BACKWARD = False
 
 
@@ -909,9 +1178,25 @@ def _route_scan_bwd_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     """Gradients of ``_route_scan_impl`` (dy is (b, L, U_CH))."""
     idx = route_index(tuple(routes.split(",")), height, width, u.device)
     dy = dy.transpose(1, 2)  # (b, U_CH, L)
+    if BACKWARD_KERNEL == "step" and step_backward_supported(A.shape[0], B.shape[1]):
+        # reads and writes through the route index on channels-last runs, like the forward
+        return _backward_step(u, delta, A, B, C, D, delta_bias, True, dy, idx=idx, accumulate=accumulate)
+    return _step_layout(*_route_scan_bwd_tile(u, delta, A, B, C, D, delta_bias, dy, idx, accumulate))
+
+
+def _step_layout(du, ddelta, dA, dB, dC, dD, dbias):
+    """The gradients in the memory layout the step backward returns (and the fake declares):
+    du, ddelta as (b, L, c) memory; dB, dC as (b, L, g, n) memory."""
+    cl = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    bc = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731
+    return cl(du), cl(ddelta), dA, bc(dB), bc(dC), dD, dbias
+
+
+def _route_scan_bwd_tile(u, delta, A, B, C, D, delta_bias, dy, idx, accumulate):
+    """The fused scan's gradients with the tile backward kernels."""
     if ROUTED_BACKWARD:
-        return _backward(u.contiguous(), delta.contiguous(), A, B.contiguous(), C.contiguous(), D, delta_bias, True,
-                         dy.contiguous(), idx=idx, accumulate=accumulate)
+        return _backward_tile(u.contiguous(), delta.contiguous(), A, B.contiguous(), C.contiguous(), D, delta_bias,
+                              True, dy.contiguous(), idx=idx, accumulate=accumulate)
     b, U, L = u.shape
     NCH, N = A.shape
     G = B.shape[1]
@@ -925,7 +1210,7 @@ def _route_scan_bwd_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     def bc_to_route(t):  # (b, G, N, L)
         return t.gather(-1, steps[None, :, None, :].expand(b, G, N, L))
 
-    du_r, ddelta_r, dA, dB_r, dC_r, dD, dbias = _backward(
+    du_r, ddelta_r, dA, dB_r, dC_r, dD, dbias = _backward_tile(
         to_route(u), delta.gather(-1, chan_steps.expand(b, NCH, L)), A, bc_to_route(B), bc_to_route(C), D,
         delta_bias, True, to_route(dy))
     du = torch.zeros(b, U, L, device=u.device, dtype=du_r.dtype)
@@ -951,8 +1236,11 @@ def _(u, delta, A, B, C, D, delta_bias, routes, height, width, accumulate):
 
 @_route_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, delta_bias, dy, routes, height, width, accumulate):
-    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), D.new_empty(D.shape), delta_bias.new_empty(delta_bias.shape))
+    b, U, L = u.shape
+    G, N = B.shape[1:3]
+    return (u.new_empty((b, L, U)).transpose(1, 2), delta.new_empty((b, L, delta.shape[1])).transpose(1, 2),
+            A.new_empty(A.shape), B.new_empty((b, L, G, N)).permute(0, 2, 3, 1),
+            C.new_empty((b, L, G, N)).permute(0, 2, 3, 1), D.new_empty(D.shape), delta_bias.new_empty(delta_bias.shape))
 
 
 def _route_scan_setup(ctx, inputs, output):
