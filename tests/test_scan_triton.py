@@ -173,6 +173,82 @@ def _check_step_channels_last():
     return {"y": _rel(y2, y), "wrote_out": 0.0 if y2.data_ptr() == out.data_ptr() else 1.0}
 
 
+def _check_channel_norm(bias_free: bool, channels_last: bool):
+    """harness.ops.norm_triton's kernels (float32) vs the elementary-op ChannelLayerNorm in
+    float64: output and the gradients of x, weight, bias. 12 channels (padded to 16), 7×9 pixels
+    (a partial pixel block), batch 2."""
+    import torch
+
+    from harness.models.layers import ChannelLayerNorm
+    from harness.ops import norm_triton
+
+    torch.manual_seed(11)
+    x = torch.randn(2, 12, 7, 9, dtype=torch.float64) * 3 + 1
+    gy = torch.randn_like(x)
+    ref = ChannelLayerNorm(12, "BiasFree" if bias_free else "WithBias").double()
+    with torch.no_grad():
+        ref.body.weight.copy_(torch.randn(12))
+        if not bias_free:
+            ref.body.bias.copy_(torch.randn(12))
+    ours = ChannelLayerNorm(12, "BiasFree" if bias_free else "WithBias").float()
+    ours.load_state_dict(ref.state_dict())
+    results = {}
+    for kind, mod, dtype in (("ref", ref, torch.float64), ("ours", ours, torch.float32)):
+        norm_triton.ENABLED = kind == "ours"
+        xx = x.to(dtype).clone()
+        if channels_last:
+            xx = xx.contiguous(memory_format=torch.channels_last)
+        xx.requires_grad_()
+        assert norm_triton.can_use(xx) == (kind == "ours")
+        y = mod(xx)
+        y.backward(gy.to(dtype))
+        results[kind] = [y.detach(), xx.grad] + [p.grad for p in mod.parameters()]
+    norm_triton.ENABLED = True
+    errs = {lab: _rel(a, b) for lab, a, b in zip(["y", "dx", "dw", "db"], results["ours"], results["ref"])}
+    errs["kept_format"] = 0.0 if results["ours"][0].is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format) else 1.0
+    return errs
+
+
+def _check_block_fused():
+    """A whole MambaFormerBlock on the fused path (split input projection, channels-last output
+    view, Triton norms) against the same block on the float64 reference scan: output and all
+    gradients; then, without gradients, that the cached projection weights follow an in-place
+    weight update."""
+    import torch
+
+    from harness.models.eamamba import MambaFormerBlock
+    from harness.ops import norm_triton, scan_triton, use_backend
+
+    torch.manual_seed(4)
+    ref = MambaFormerBlock(16, mixer="simple", d_state=4, directions="all_around").double()
+    ours = MambaFormerBlock(16, mixer="simple", d_state=4, directions="all_around").float()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    res = {}
+    for kind, mod, dtype, backend in (("ref", ref, torch.float64, "reference"), ("ours", ours, torch.float32, "triton")):
+        norm_triton.ENABLED = kind == "ours"
+        xx = x.detach().to(dtype).clone().requires_grad_()
+        with use_backend(backend):
+            assert scan_triton.can_fuse(xx) == (kind == "ours")
+            y = mod(xx)
+        y.backward(gy.to(dtype))
+        res[kind] = [y.detach(), xx.grad] + [p.grad for p in mod.parameters()]
+    norm_triton.ENABLED = True
+    errs = {f"t{i}": _rel(a, b) for i, (a, b) in enumerate(zip(res["ours"], res["ref"]))}
+    with torch.no_grad(), use_backend("triton"):
+        y1 = ours(x.float())
+        ours.mamba.x_proj_weight.mul_(0.5)
+        ref.mamba.x_proj_weight.mul_(0.5)
+        y2 = ours(x.float())
+    with use_backend("reference"):
+        y2_ref = ref(x)
+    errs["after_update"] = _rel(y2, y2_ref)
+    errs["changed"] = 0.0 if _rel(y2, y1) > 1e-4 else 1.0
+    return errs
+
+
 def _check_assoc_scan_path():
     """The GPU path's tl.associative_scan (forward and reverse) on a tiny tile."""
     from harness.ops import scan_triton
@@ -211,6 +287,10 @@ def run_checks(which: list[str]) -> dict:
             out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7, routed_backward=True)
         elif name == "step_channels_last_views":
             out[name] = _check_step_channels_last()
+        elif name == "block_fused":
+            out[name] = _check_block_fused()
+        elif name.startswith("channel_norm_"):
+            out[name] = _check_channel_norm("bias_free" in name, "channels_last" in name)
         elif name == "assoc_scan_path":
             out[name] = _check_assoc_scan_path()
         else:
@@ -221,7 +301,8 @@ def run_checks(which: list[str]) -> dict:
 FAST = list(SCAN_CASES) + ["no_softplus_fp64", "dispatcher", "fused_concat_all_around_5x7", "fused_add_cross_5x7",
                            "fused_step_concat_all_around_5x7_channels_last", "fused_step_add_cross_5x7",
                            "step_channels_last_views", "fused_add_cross_5x7_routed_backward",
-                           "fused_concat_all_around_5x7_routed_backward"]
+                           "fused_concat_all_around_5x7_routed_backward", "channel_norm_with_bias",
+                           "channel_norm_bias_free_channels_last", "block_fused"]
 SLOW = ["fused_concat_16heads_4x6", "assoc_scan_path"]
 
 

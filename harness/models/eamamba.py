@@ -177,14 +177,18 @@ class MHSSM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         L = h * w
-        xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
-        if self.use_z:
-            xin, z = xz.chunk(2, dim=-1)
+        # The fused GPU scan works channels-last: keep the maps in that memory format from here on.
+        fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(x, self.scan_backend)
+        x_hwc = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        if fused and self.use_z:
+            # two products instead of one and a chunk: xin and z come out contiguous, so xin is a
+            # channels_last map without a copy and the gate reads z densely
+            w_in = self.in_proj.weight
+            xin, z = F.linear(x_hwc, w_in[:self.d_inner]), F.linear(x_hwc, w_in[self.d_inner:])
         else:
-            xin, z = xz, None
+            xz = self.in_proj(x_hwc)  # (B, H, W, (2)·d_inner)
+            xin, z = xz.chunk(2, dim=-1) if self.use_z else (xz, None)
         xin = xin.permute(0, 3, 1, 2)  # (B, d_inner, H, W)
-        # The fused GPU scan works channels-last: keep the map in that memory format from here on.
-        fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(xin, self.scan_backend)
         xin = xin.contiguous(memory_format=torch.channels_last if fused else torch.contiguous_format)
         if self.conv_2d:
             xin = F.silu(self.conv(xin))
@@ -197,7 +201,10 @@ class MHSSM(nn.Module):
         y = self.out_norm(y.transpose(1, 2))  # (B, L, d_inner)
         if z is not None:
             y = y * F.silu(z.reshape(b, L, self.d_inner))
-        return self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+        out = self.out_proj(y)  # (B, L, C)
+        if fused:  # a (B, C, H, W) view of channels-last memory: the residual add reads it as it is
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        return out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class MambaFormerBlock(nn.Module):

@@ -1257,6 +1257,49 @@ def _route_scan_backward(ctx, dy):
 _route_scan.register_autograd(_route_scan_backward, setup_context=_route_scan_setup)
 
 
+_WEIGHT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _projection_weights(x_proj_weight, dt_projs_weight, merge: str, R: int, N: int):
+    """The per-head projections as two dense matrices for channels-last activations.
+
+    w_x (channels in, K·(R + 2N)): head k's W_k^T on its own input channels (concat: a
+    block-diagonal matrix; add: every head reads all channels), columns grouped by part so
+    that every head's Δ input comes first, then every B, then every C. w_dt (K·R, K·d): the
+    block-diagonal dt projection. Without gradients (inference), cached per weight version.
+    """
+    key = None
+    if not (torch.is_grad_enabled() and (x_proj_weight.requires_grad or dt_projs_weight.requires_grad)):
+        try:
+            key = (x_proj_weight.data_ptr(), x_proj_weight._version, dt_projs_weight.data_ptr(),
+                   dt_projs_weight._version, tuple(x_proj_weight.shape), x_proj_weight.dtype, x_proj_weight.device,
+                   merge)
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            key = None
+        hit = _WEIGHT_CACHE.get(key) if key is not None else None
+        if hit is not None:
+            return hit
+    K, c, d = x_proj_weight.shape
+    heads = torch.arange(K, device=x_proj_weight.device)
+    if merge == "concat":
+        per_head = x_proj_weight.new_zeros(K, d, K, c)  # [k, :, k, :] = W_k^T, zero elsewhere
+        per_head[heads, :, heads, :] = x_proj_weight.transpose(1, 2)
+        per_head = per_head.reshape(K * d, K, c)
+    else:
+        per_head = x_proj_weight.permute(2, 0, 1)  # (D, K, c)
+    w_x = torch.cat([per_head[..., :R].flatten(1), per_head[..., R:R + N].flatten(1),
+                     per_head[..., R + N:].flatten(1)], dim=1)
+    Kd = dt_projs_weight.shape[1]
+    w_dt = dt_projs_weight.new_zeros(K, R, K, Kd)  # [k, :, k, :] = dt_k^T
+    w_dt[heads, :, heads, :] = dt_projs_weight.transpose(1, 2)
+    w_dt = w_dt.view(K * R, K * Kd)
+    if key is not None:
+        if len(_WEIGHT_CACHE) > 512:
+            _WEIGHT_CACHE.clear()
+        _WEIGHT_CACHE[key] = (w_x, w_dt)
+    return w_x, w_dt
+
+
 def fused_multi_route_scan(
     x: torch.Tensor,
     head_routes: tuple[str, ...],
@@ -1289,15 +1332,11 @@ def fused_multi_route_scan(
         raise ValueError(f"route names cannot contain ',': {head_routes}")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_cl = x.permute(0, 2, 3, 1).reshape(b, L, D)  # (B, L, D)
-    if merge == "concat":
-        w_x = torch.block_diag(*x_proj_weight.transpose(1, 2))  # (K·d, K·c), head k's block W_k^T
-    else:
-        w_x = x_proj_weight.permute(2, 0, 1).reshape(D, K * c)  # every head reads all D channels
-    x_dbl = (x_cl @ w_x).view(b, L, K, c)  # (B, L, K, R + 2N)
-    w_dt = torch.block_diag(*dt_projs_weight.transpose(1, 2))  # (K·R, K·d)
-    dts = x_dbl[..., :R].reshape(b, L, K * R) @ w_dt  # (B, L, K·d)
-    Bs = x_dbl[..., R:R + N].permute(0, 2, 3, 1)  # (B, K, N, L) view, unit stride along N
-    Cs = x_dbl[..., R + N:].permute(0, 2, 3, 1)
+    w_x, w_dt = _projection_weights(x_proj_weight, dt_projs_weight, merge, R, N)
+    x_dbl = x_cl @ w_x  # (B, L, K·R + K·N + K·N): all heads' Δ inputs, then all B, then all C
+    dts = x_dbl[..., :K * R] @ w_dt  # (B, L, K·d); a strided operand, no copy
+    Bs = x_dbl[..., K * R:K * (R + N)].view(b, L, K, N).permute(0, 2, 3, 1)  # (B, K, N, L), unit stride along N
+    Cs = x_dbl[..., K * (R + N):].view(b, L, K, N).permute(0, 2, 3, 1)
     y = _route_scan(
         x_cl.transpose(1, 2).to(work), dts.transpose(1, 2).to(work), (-torch.exp(A_logs.to(work))).contiguous(),
         Bs.to(work), Cs.to(work), Ds.to(work).contiguous(), dt_projs_bias.reshape(-1).to(work).contiguous(),

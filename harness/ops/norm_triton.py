@@ -1,0 +1,202 @@
+"""Restormer's per-pixel LayerNorm over channels, as one Triton kernel each way.
+
+``ChannelLayerNorm`` written in elementary ops costs about eight kernels per call on a GPU
+(two reductions and broadcast elementwise ops) and twice that in the backward pass; an
+EAMamba forward has 82 of them. Here one program loads a (channels × pixels) tile of the
+(B, C, H, W) map, NCHW or NHWC memory (the unit stride is a compile-time fact), takes the mean and
+the variance around it over the channels (two passes over registers, as the elementary version
+does: no sum-of-squares cancellation), and writes the normalised tile; the backward kernel
+recomputes x̂ from the saved mean and 1/σ and writes dx and per-program partial sums of the
+weight and bias gradients.
+
+WithBias:  y = (x − μ)/σ · w + b.      BiasFree:  y = x/σ · w  (σ still taken around μ).
+σ = sqrt(var + eps), var the biased variance over channels.
+
+``TRITON_INTERPRET=1`` (set before import) runs the kernels on CPU tensors for the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ENABLED = True  # benchmarks switch the kernels off to time the elementary-op version
+TILE_ELEMENTS = 4096  # channels × pixels per program (registers: 32 per thread at 4 warps)
+MIN_BLOCK_P = 32  # pixels per program at least: 128-byte runs along pixels in NCHW memory
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _offsets(bi, offs_c, offs_p, s_b, s_c, s_p, PIX_UNIT: tl.constexpr):
+        """(channels × pixels) element offsets in one batch item: 32-bit, with the unit stride
+        known to the compiler (NCHW: pixels; NHWC: channels) so the accesses vectorise."""
+        if PIX_UNIT:
+            return bi * s_b, offs_c[:, None] * s_c + offs_p[None, :]
+        else:
+            return bi * s_b, offs_c[:, None] + offs_p[None, :] * s_p
+
+    @triton.jit
+    def _cln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, sx_b, sx_c, sx_p, eps,
+                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        """One (pixel block, batch item): y, and the per-pixel mean and 1/σ for the backward.
+        y has x's strides."""
+        pb = tl.program_id(0)
+        bi = tl.program_id(1).to(tl.int64)
+        offs_c = tl.arange(0, BC)
+        offs_p = pb * BP + tl.arange(0, BP)
+        c_ok = offs_c < C
+        p_ok = offs_p < P
+        m = c_ok[:, None] & p_ok[None, :]
+        base, off = _offsets(bi, offs_c, offs_p, sx_b, sx_c, sx_p, PIX_UNIT)
+        x = tl.load(x_ptr + base + off, mask=m, other=0.0)
+        mean = tl.sum(x, axis=0) / C
+        xc = tl.where(m, x - mean[None, :], 0.0)
+        var = tl.sum(xc * xc, axis=0) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0)
+        if BIAS_FREE:
+            y = x * rstd[None, :] * w[:, None]
+        else:
+            b = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)
+            y = xc * rstd[None, :] * w[:, None] + b[:, None]
+        tl.store(y_ptr + base + off, y, mask=m)
+        tl.store(mean_ptr + bi * P + offs_p, mean, mask=p_ok)
+        tl.store(rstd_ptr + bi * P + offs_p, rstd, mask=p_ok)
+
+    @triton.jit
+    def _cln_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, C, P,
+                        sx_b, sx_c, sx_p, sg_b, sg_c, sg_p, NPB,
+                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        """dx (x's strides) and this program's partial sums of dw, db (row pid of (programs, C)).
+        dy has x's memory format (the launcher makes it so).
+
+        WithBias: dx = (g − mean_c g − x̂ mean_c(g x̂)) / σ with g = dy·w, x̂ = (x − μ)/σ.
+        BiasFree: dx = g/σ − (x − μ) Σ_c(g x) / (C σ³).
+        """
+        pb = tl.program_id(0)
+        bi = tl.program_id(1).to(tl.int64)
+        offs_c = tl.arange(0, BC)
+        offs_p = pb * BP + tl.arange(0, BP)
+        c_ok = offs_c < C
+        p_ok = offs_p < P
+        m = c_ok[:, None] & p_ok[None, :]
+        base, off = _offsets(bi, offs_c, offs_p, sx_b, sx_c, sx_p, PIX_UNIT)
+        gbase, goff = _offsets(bi, offs_c, offs_p, sg_b, sg_c, sg_p, PIX_UNIT)
+        x = tl.load(x_ptr + base + off, mask=m, other=0.0)
+        dy = tl.load(dy_ptr + gbase + goff, mask=m, other=0.0)
+        mean = tl.load(mean_ptr + bi * P + offs_p, mask=p_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + bi * P + offs_p, mask=p_ok, other=0.0)
+        w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0)
+        xc = tl.where(m, x - mean[None, :], 0.0)
+        g = dy * w[:, None]
+        if BIAS_FREE:
+            xr = x * rstd[None, :]
+            dw = tl.sum(dy * xr, axis=1)
+            s = tl.sum(g * x, axis=0)
+            dx = g * rstd[None, :] - xc * (s * rstd * rstd * rstd / C)[None, :]
+        else:
+            xhat = xc * rstd[None, :]
+            dw = tl.sum(dy * xhat, axis=1)
+            db = tl.sum(dy, axis=1)
+            mg = tl.sum(g, axis=0) / C
+            mgx = tl.sum(g * xhat, axis=0) / C
+            dx = (g - mg[None, :] - xhat * mgx[None, :]) * rstd[None, :]
+            tl.store(db_ptr + (bi * NPB + pb) * C + offs_c, db, mask=c_ok)
+        tl.store(dx_ptr + base + off, dx, mask=m)
+        tl.store(dw_ptr + (bi * NPB + pb) * C + offs_c, dw, mask=c_ok)
+
+
+def _blocks(C: int) -> tuple[int, int, int]:
+    BC = _next_pow2(C)
+    BP = max(MIN_BLOCK_P, _next_pow2(max(1, TILE_ELEMENTS // BC)))
+    if INTERPRET:
+        BP = min(BP, 8)
+    warps = min(16, max(4, BC * BP // 1024))
+    return BC, BP, warps
+
+
+def _layout(t: torch.Tensor) -> torch.Tensor:
+    """t as NCHW or NHWC memory (a copy only when it is neither), checked for 32-bit offsets."""
+    if t.numel() // max(1, t.shape[0]) >= 2 ** 31:
+        raise ValueError(f"channel_layer_norm: one item of a {tuple(t.shape)} map spans 2^31 elements or more")
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _bcp(t: torch.Tensor) -> dict:
+    """(batch, channel, pixel) strides and which of channel / pixel is the unit stride."""
+    return dict(s_b=t.stride(0), s_c=t.stride(1), s_p=t.stride(3), PIX_UNIT=t.is_contiguous())
+
+
+class _ChannelLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x = _layout(x)
+        B, C, H, W = x.shape
+        P = H * W
+        BC, BP, warps = _blocks(C)
+        y = torch.empty_like(x)  # same memory format
+        mean = torch.empty(B, P, device=x.device, dtype=x.dtype)
+        rstd = torch.empty_like(mean)
+        bias_free = bias is None
+        lay = _bcp(x)
+        _cln_fwd_kernel[(triton.cdiv(P, BP), B)](
+            x, weight, weight if bias_free else bias, y, mean, rstd, C, P, lay["s_b"], lay["s_c"], lay["s_p"], eps,
+            BIAS_FREE=bias_free, PIX_UNIT=lay["PIX_UNIT"], BC=BC, BP=BP, num_warps=warps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.bias_free = bias_free
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        lay = _bcp(x)
+        dy = dy.contiguous(memory_format=torch.contiguous_format if lay["PIX_UNIT"] else torch.channels_last)
+        g = _bcp(dy)
+        B, C, H, W = x.shape
+        P = H * W
+        BC, BP, warps = _blocks(C)
+        npb = triton.cdiv(P, BP)
+        dx = torch.empty_like(x)
+        dw = torch.empty(B * npb, C, device=x.device, dtype=x.dtype)
+        db = None if ctx.bias_free else torch.empty_like(dw)
+        _cln_bwd_kernel[(npb, B)](
+            x, weight, dy, mean, rstd, dx, dw, dw if db is None else db, C, P, lay["s_b"], lay["s_c"], lay["s_p"],
+            g["s_b"], g["s_c"], g["s_p"], npb, BIAS_FREE=ctx.bias_free, PIX_UNIT=lay["PIX_UNIT"], BC=BC, BP=BP,
+            num_warps=warps)
+        return dx, dw.sum(0), None if db is None else db.sum(0), None
+
+
+def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
+                       ) -> torch.Tensor:
+    """Per-pixel LayerNorm over the channels of a (B, C, H, W) float32 map (``bias=None``:
+    BiasFree), differentiable in x, weight and bias."""
+    if x.dim() != 4 or x.shape[1] != weight.shape[0]:
+        raise ValueError(f"channel_layer_norm: x must be (B, {weight.shape[0]}, H, W), got {tuple(x.shape)}")
+    return _ChannelLayerNorm.apply(x, weight, bias, float(eps))
+
+
+def can_use(x: torch.Tensor) -> bool:
+    """True when ``channel_layer_norm`` should replace the elementary-op version for x: a float32
+    map on a CUDA device (or on CPU under the interpreter), outside torch.compile and tracing
+    (which see the elementary ops: Inductor fuses them, FLOP counters charge them nothing)."""
+    if not ENABLED or triton is None or x.dim() != 4 or x.dtype != torch.float32:
+        return False
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
