@@ -207,6 +207,21 @@ def _check_channel_norm(bias_free: bool, channels_last: bool):
     errs = {lab: _rel(a, b) for lab, a, b in zip(["y", "dx", "dw", "db"], results["ours"], results["ref"])}
     errs["kept_format"] = 0.0 if results["ours"][0].is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format) else 1.0
+    # with the silu gate fused in (the kernels' GATE path), against norm(x) · silu(z) in float64
+    z = torch.randn_like(x)
+    gated = {}
+    for kind, mod, dtype in (("ref", ref, torch.float64), ("ours", ours, torch.float32)):
+        mod.zero_grad(set_to_none=True)
+        xx, zz = (t.detach().to(dtype).clone().requires_grad_() for t in (x, z))
+        if kind == "ref":
+            norm_triton.ENABLED = False
+            y = mod(xx) * torch.nn.functional.silu(zz)
+            norm_triton.ENABLED = True
+        else:
+            y = norm_triton._ChannelLayerNorm.apply(xx, mod.body.weight, getattr(mod.body, "bias", None), zz, 1e-5)
+        y.backward(gy.to(dtype))
+        gated[kind] = [y.detach(), xx.grad, zz.grad] + [p.grad for p in mod.parameters()]
+    errs |= {"gate_" + lab: _rel(a, b) for lab, a, b in zip(["y", "dx", "dz", "dw", "db"], gated["ours"], gated["ref"])}
     return errs
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from harness.models.layers import ChannelLayerNorm, make_mixer
 from harness.models.routes import resolve_directions, route_indices
 from harness.models.unet import RestormerUNet
-from harness.ops import selective_scan
+from harness.ops import norm_triton, selective_scan
 
 try:  # fused-route Triton kernels (CUDA); None where Triton cannot load
     from harness.ops import scan_triton as _scan_triton
@@ -198,9 +198,14 @@ class MHSSM(nn.Module):
             xin, self.head_routes, self.merge, self.x_proj_weight, self.dt_projs_weight,
             self.dt_projs_bias, self.A_logs, self.Ds, self.scan_backend,
         )  # (B, d_inner, L)
-        y = self.out_norm(y.transpose(1, 2))  # (B, L, d_inner)
-        if z is not None:
-            y = y * F.silu(z.reshape(b, L, self.d_inner))
+        y = y.transpose(1, 2)  # (B, L, d_inner)
+        z = None if z is None else z.reshape(b, L, self.d_inner)
+        if fused and norm_triton.can_use(y) and y.stride(2) == 1:  # norm and gate in one kernel
+            y = norm_triton.layer_norm_last_dim(y, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps, z)
+        else:
+            y = self.out_norm(y)
+            if z is not None:
+                y = y * F.silu(z)
         out = self.out_proj(y)  # (B, L, C)
         if fused:  # a (B, C, H, W) view of channels-last memory: the residual add reads it as it is
             return out.view(b, h, w, c).permute(0, 3, 1, 2)

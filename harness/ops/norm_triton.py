@@ -50,10 +50,11 @@ if triton is not None:
             return bi * s_b, offs_c[:, None] + offs_p[None, :] * s_p
 
     @triton.jit
-    def _cln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, sx_b, sx_c, sx_p, eps,
-                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    def _cln_fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, sx_b, sx_c, sx_p, eps,
+                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
+                        BP: tl.constexpr):
         """One (pixel block, batch item): y, and the per-pixel mean and 1/σ for the backward.
-        y has x's strides."""
+        y (and the gate z) have x's strides. GATE: y = norm(x) · silu(z)."""
         pb = tl.program_id(0)
         bi = tl.program_id(1).to(tl.int64)
         offs_c = tl.arange(0, BC)
@@ -73,16 +74,22 @@ if triton is not None:
         else:
             b = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)
             y = xc * rstd[None, :] * w[:, None] + b[:, None]
+        if GATE:
+            z = tl.load(z_ptr + base + off, mask=m, other=0.0)
+            y = y * (z / (1.0 + tl.exp(-z)))
         tl.store(y_ptr + base + off, y, mask=m)
         tl.store(mean_ptr + bi * P + offs_p, mean, mask=p_ok)
         tl.store(rstd_ptr + bi * P + offs_p, rstd, mask=p_ok)
 
     @triton.jit
-    def _cln_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, C, P,
+    def _cln_bwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, db_ptr, C, P,
                         sx_b, sx_c, sx_p, sg_b, sg_c, sg_p, NPB,
-                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
+                        BP: tl.constexpr):
         """dx (x's strides) and this program's partial sums of dw, db (row pid of (programs, C)).
-        dy has x's memory format (the launcher makes it so).
+        dy has x's memory format (the launcher makes it so). GATE: the output was n · silu(z) with
+        n the norm's output: dz = dy · n · silu'(z) (z, dz with x's strides), and the norm's
+        output gradient is dy · silu(z).
 
         WithBias: dx = (g − mean_c g − x̂ mean_c(g x̂)) / σ with g = dy·w, x̂ = (x − μ)/σ.
         BiasFree: dx = g/σ − (x − μ) Σ_c(g x) / (C σ³).
@@ -102,6 +109,15 @@ if triton is not None:
         rstd = tl.load(rstd_ptr + bi * P + offs_p, mask=p_ok, other=0.0)
         w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0)
         xc = tl.where(m, x - mean[None, :], 0.0)
+        if GATE:
+            z = tl.load(z_ptr + base + off, mask=m, other=0.0)
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            if BIAS_FREE:
+                n = x * rstd[None, :] * w[:, None]
+            else:
+                n = xc * rstd[None, :] * w[:, None] + tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)[:, None]
+            tl.store(dz_ptr + base + off, dy * n * sig * (1.0 + z * (1.0 - sig)), mask=m)
+            dy = dy * (z * sig)
         g = dy * w[:, None]
         if BIAS_FREE:
             xr = x * rstd[None, :]
@@ -145,7 +161,7 @@ def _bcp(t: torch.Tensor) -> dict:
 
 class _ChannelLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, z, eps):
         x = _layout(x)
         B, C, H, W = x.shape
         P = H * W
@@ -153,18 +169,21 @@ class _ChannelLayerNorm(torch.autograd.Function):
         y = torch.empty_like(x)  # same memory format
         mean = torch.empty(B, P, device=x.device, dtype=x.dtype)
         rstd = torch.empty_like(mean)
-        bias_free = bias is None
+        bias_free, gate = bias is None, z is not None
+        if gate and z.stride() != x.stride():
+            z = torch.empty_like(x).copy_(z)
         lay = _bcp(x)
         _cln_fwd_kernel[(triton.cdiv(P, BP), B)](
-            x, weight, weight if bias_free else bias, y, mean, rstd, C, P, lay["s_b"], lay["s_c"], lay["s_p"], eps,
-            BIAS_FREE=bias_free, PIX_UNIT=lay["PIX_UNIT"], BC=BC, BP=BP, num_warps=warps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.bias_free = bias_free
+            x, weight, weight if bias_free else bias, z if gate else x, y, mean, rstd, C, P,
+            lay["s_b"], lay["s_c"], lay["s_p"], eps, BIAS_FREE=bias_free, PIX_UNIT=lay["PIX_UNIT"], GATE=gate,
+            BC=BC, BP=BP, num_warps=warps)
+        ctx.save_for_backward(x, weight, bias, z, mean, rstd)
+        ctx.bias_free, ctx.gate = bias_free, gate
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, z, mean, rstd = ctx.saved_tensors
         lay = _bcp(x)
         dy = dy.contiguous(memory_format=torch.contiguous_format if lay["PIX_UNIT"] else torch.channels_last)
         g = _bcp(dy)
@@ -173,13 +192,15 @@ class _ChannelLayerNorm(torch.autograd.Function):
         BC, BP, warps = _blocks(C)
         npb = triton.cdiv(P, BP)
         dx = torch.empty_like(x)
+        dz = torch.empty_like(x) if ctx.gate else None
         dw = torch.empty(B * npb, C, device=x.device, dtype=x.dtype)
         db = None if ctx.bias_free else torch.empty_like(dw)
         _cln_bwd_kernel[(npb, B)](
-            x, weight, dy, mean, rstd, dx, dw, dw if db is None else db, C, P, lay["s_b"], lay["s_c"], lay["s_p"],
-            g["s_b"], g["s_c"], g["s_p"], npb, BIAS_FREE=ctx.bias_free, PIX_UNIT=lay["PIX_UNIT"], BC=BC, BP=BP,
-            num_warps=warps)
-        return dx, dw.sum(0), None if db is None else db.sum(0), None
+            x, weight, weight if bias is None else bias, x if z is None else z, dy, mean, rstd, dx,
+            dx if dz is None else dz, dw, dw if db is None else db, C, P, lay["s_b"], lay["s_c"], lay["s_p"],
+            g["s_b"], g["s_c"], g["s_p"], npb, BIAS_FREE=ctx.bias_free, PIX_UNIT=lay["PIX_UNIT"], GATE=ctx.gate,
+            BC=BC, BP=BP, num_warps=warps)
+        return dx, dw.sum(0), None if db is None else db.sum(0), dz, None
 
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
@@ -188,14 +209,30 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     BiasFree), differentiable in x, weight and bias."""
     if x.dim() != 4 or x.shape[1] != weight.shape[0]:
         raise ValueError(f"channel_layer_norm: x must be (B, {weight.shape[0]}, H, W), got {tuple(x.shape)}")
-    return _ChannelLayerNorm.apply(x, weight, bias, float(eps))
+    return _ChannelLayerNorm.apply(x, weight, bias, None, float(eps))
+
+
+def layer_norm_last_dim(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                        gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim of a (B, L, C) tensor with unit stride along C (times
+    ``silu(gate)`` when given, gate (B, L, C)), by the same kernels: a (B, C, 1, L) channels-last
+    view of it is a map normalised over channels."""
+    if x.dim() != 3 or x.stride(2) != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"layer_norm_last_dim: x must be (B, L, {weight.shape[0]}) with unit stride along the "
+                         f"last dim, got {tuple(x.shape)} strides {x.stride()}")
+    if bias is None:  # None would mean BiasFree here, not F.layer_norm without bias
+        raise ValueError("layer_norm_last_dim: bias is required")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"layer_norm_last_dim: gate {tuple(gate.shape)} must match x {tuple(x.shape)}")
+    as_map = lambda t: t.transpose(1, 2).unsqueeze(2)  # noqa: E731  (B, C, 1, L) view
+    y = _ChannelLayerNorm.apply(as_map(x), weight, bias, None if gate is None else as_map(gate), float(eps))
+    return y.squeeze(2).transpose(1, 2)
 
 
 def can_use(x: torch.Tensor) -> bool:
-    """True when ``channel_layer_norm`` should replace the elementary-op version for x: a float32
-    map on a CUDA device (or on CPU under the interpreter), outside torch.compile and tracing
+    """True when the kernels here should replace the torch ops for x: float32 on a CUDA device (or on CPU under the interpreter), outside torch.compile and tracing
     (which see the elementary ops: Inductor fuses them, FLOP counters charge them nothing)."""
-    if not ENABLED or triton is None or x.dim() != 4 or x.dtype != torch.float32:
+    if not ENABLED or triton is None or x.dtype != torch.float32:
         return False
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         return False

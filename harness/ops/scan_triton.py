@@ -1269,7 +1269,8 @@ def _projection_weights(x_proj_weight, dt_projs_weight, merge: str, R: int, N: i
     block-diagonal dt projection. Without gradients (inference), cached per weight version.
     """
     key = None
-    if not (torch.is_grad_enabled() and (x_proj_weight.requires_grad or dt_projs_weight.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and (x_proj_weight.requires_grad or dt_projs_weight.requires_grad)
+    if not needs_grad and not torch.compiler.is_compiling():  # (a compiled graph builds them once anyway)
         try:
             key = (x_proj_weight.data_ptr(), x_proj_weight._version, dt_projs_weight.data_ptr(),
                    dt_projs_weight._version, tuple(x_proj_weight.shape), x_proj_weight.dtype, x_proj_weight.device,
