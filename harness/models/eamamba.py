@@ -113,6 +113,18 @@ def init_ssm_parameters(
     }
 
 
+def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a batch of matrices on either side and a plain matrix on at most one, through
+    ``mm`` / ``bmm``, which take transposed operands as they are (``matmul`` copies a transposed
+    batch of more than one, and a plain matrix on the left)."""
+    batch = a.shape[0] if a.dim() == 3 else b.shape[0]
+    if batch == 1:
+        return torch.mm(a[0] if a.dim() == 3 else a, b[0] if b.dim() == 3 else b).unsqueeze(0)
+    a = a if a.dim() == 3 else a.expand(batch, -1, -1)
+    b = b if b.dim() == 3 else b.expand(batch, -1, -1)
+    return torch.bmm(a, b)
+
+
 class MHSSM(nn.Module):
     """Multi-head selective scan module (the block's token mixer, keys ``mamba.*``)."""
 
@@ -179,14 +191,15 @@ class MHSSM(nn.Module):
         L = h * w
         # The fused GPU scan works channels-last: keep the maps in that memory format from here on.
         fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(x, self.scan_backend)
-        x_hwc = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         if fused and self.use_z:
             # two products instead of one and a chunk: xin and z come out contiguous, so xin is a
             # channels_last map without a copy and the gate reads z densely
+            x_rows = x.reshape(b, c, L).transpose(1, 2)  # (B, L, C) view
             w_in = self.in_proj.weight
-            xin, z = F.linear(x_hwc, w_in[:self.d_inner]), F.linear(x_hwc, w_in[self.d_inner:])
+            xin = _batched_mm(x_rows, w_in[:self.d_inner].t()).view(b, h, w, self.d_inner)
+            z = _batched_mm(x_rows, w_in[self.d_inner:].t())  # (B, L, d_inner)
         else:
-            xz = self.in_proj(x_hwc)  # (B, H, W, (2)·d_inner)
+            xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
             xin, z = xz.chunk(2, dim=-1) if self.use_z else (xz, None)
         xin = xin.permute(0, 3, 1, 2)  # (B, d_inner, H, W)
         xin = xin.contiguous(memory_format=torch.channels_last if fused else torch.contiguous_format)
@@ -206,10 +219,9 @@ class MHSSM(nn.Module):
             y = self.out_norm(y)
             if z is not None:
                 y = y * F.silu(z)
-        out = self.out_proj(y)  # (B, L, C)
-        if fused:  # a (B, C, H, W) view of channels-last memory: the residual add reads it as it is
-            return out.view(b, h, w, c).permute(0, 3, 1, 2)
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        if fused:  # out^T = W y^T, written straight into (B, C, H·W) memory: no transposing copy
+            return _batched_mm(self.out_proj.weight, y.transpose(1, 2)).view(b, c, h, w)
+        return self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
 
 
 class MambaFormerBlock(nn.Module):
