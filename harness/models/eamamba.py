@@ -191,13 +191,20 @@ class MHSSM(nn.Module):
         L = h * w
         # The fused GPU scan works channels-last: keep the maps in that memory format from here on.
         fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(x, self.scan_backend)
+        # (inference: mm/bmm on transposed operands, no copies; training: F.linear, whose
+        # backward measured faster on an H200: 8×128² 171 against 187 ms, 2×256² 174 against 260)
+        project = _batched_mm if not torch.is_grad_enabled() else None
         if fused and self.use_z:
             # two products instead of one and a chunk: xin and z come out contiguous, so xin is a
             # channels_last map without a copy and the gate reads z densely
-            x_rows = x.reshape(b, c, L).transpose(1, 2)  # (B, L, C) view
             w_in = self.in_proj.weight
-            xin = _batched_mm(x_rows, w_in[:self.d_inner].t()).view(b, h, w, self.d_inner)
-            z = _batched_mm(x_rows, w_in[self.d_inner:].t())  # (B, L, d_inner)
+            if project is not None:
+                x_rows = x.reshape(b, c, L).transpose(1, 2)  # (B, L, C) view
+                xin = project(x_rows, w_in[:self.d_inner].t()).view(b, h, w, self.d_inner)
+                z = project(x_rows, w_in[self.d_inner:].t())  # (B, L, d_inner)
+            else:
+                x_hwc = x.permute(0, 2, 3, 1)
+                xin, z = F.linear(x_hwc, w_in[:self.d_inner]), F.linear(x_hwc, w_in[self.d_inner:])
         else:
             xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
             xin, z = xz.chunk(2, dim=-1) if self.use_z else (xz, None)
@@ -219,8 +226,10 @@ class MHSSM(nn.Module):
             y = self.out_norm(y)
             if z is not None:
                 y = y * F.silu(z)
-        if fused:  # out^T = W y^T, written straight into (B, C, H·W) memory: no transposing copy
-            return _batched_mm(self.out_proj.weight, y.transpose(1, 2)).view(b, c, h, w)
+        if fused and project is not None:  # out^T = W y^T straight into (B, C, H·W) memory
+            return project(self.out_proj.weight, y.transpose(1, 2)).view(b, c, h, w)
+        if fused:  # a (B, C, H, W) view of channels-last memory: the residual add reads it as it is
+            return self.out_proj(y).view(b, h, w, c).permute(0, 3, 1, 2)
         return self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
 
 
