@@ -16,17 +16,17 @@ Segments are joined by a two-pass scheme:
 3. every segment rescans from its true start and writes y_t = C_t · x_t + D u_t.
 When one segment already gives enough programs, passes 1-2 are skipped.
 
-The backward pass runs the adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t backwards in time with the
-same segment scheme (reverse associative scans), recomputes the forward states of each tile
+The tile backward pass runs the adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t backwards in time with
+the same segment scheme (reverse associative scans), recomputes the forward states of each tile
 from stored tile-start states, and forms every gradient in one sweep: du, dΔ (through the
 softplus and the bias), dA, dB, dC (per channel block, summed afterwards), dD.
 
 Route fusion: with ``idx`` (one permutation of the H·W positions per B/C group, int32), step t
 of group k reads and writes position ``idx[k, t]`` of raster-ordered tensors, so the permuted
 copies of the multi-route scan and their inverses are never materialised. For the ``add`` merge
-the K routes' outputs (and input gradients) are accumulated with atomic adds. The fused scan's
-backward pass is the exception: it gathers route-ordered copies for the tile kernels, which
-read them faster than through the index (``ROUTED_BACKWARD`` switches back).
+the K routes' outputs (and input gradients) are accumulated with atomic adds. (With the tile
+backward, the fused scan gathers route-ordered copies instead, which those kernels read faster
+than through the index; ``ROUTED_BACKWARD`` switches back.)
 
 A second forward kernel (``FORWARD_KERNEL = "step"``) walks the steps one at a time with one
 thread per channel holding all of that channel's states in registers, so neither the recurrence
@@ -34,6 +34,11 @@ nor the sum over states needs any communication between threads; its strides are
 arguments, and the fused multi-route scan feeds it channels-last tensors (one contiguous run of
 channels per step and route group). Its segments are joined by the same two-pass scheme, with
 the chain of pass 2 done by associative scans over blocks of segments.
+
+The default backward (``BACKWARD_KERNEL = "step"``) is the step kernel's adjoint: the forward
+states are recomputed once and stored for every step, then the adjoint is walked backwards one
+step at a time, one thread per channel, with the same layout, routing and segment chain (run
+from the right); the sums over channels that dB and dC need run across lanes.
 
 The projections in ``fused_multi_route_scan`` are dense matrix products with block-diagonal
 weights on channels-last activations, so nothing around the scan is transposed or copied.
