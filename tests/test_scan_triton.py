@@ -230,6 +230,8 @@ def _check_block_fused():
     view, Triton norms) against the same block on the float64 reference scan: output and all
     gradients; then, without gradients, that the cached projection weights follow an in-place
     weight update."""
+    import copy
+
     import torch
 
     from harness.models.eamamba import MambaFormerBlock
@@ -261,6 +263,13 @@ def _check_block_fused():
         y2_ref = ref(x)
     errs["after_update"] = _rel(y2, y2_ref)
     errs["changed"] = 0.0 if _rel(y2, y1) > 1e-4 else 1.0
+    # a second block (other weights, same shapes and version counters) gets its own matrices
+    other = MambaFormerBlock(16, mixer="simple", d_state=4, directions="all_around").float()
+    other_ref = copy.deepcopy(other).double()
+    with torch.no_grad(), use_backend("triton"):
+        y3 = other(x.float())
+    with torch.no_grad(), use_backend("reference"):
+        errs["second_block"] = _rel(y3, other_ref(x))
     return errs
 
 

@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from harness.ops.selective_scan import ScanBackend, register_backend
 
@@ -1262,7 +1264,10 @@ def _route_scan_backward(ctx, dy):
 _route_scan.register_autograd(_route_scan_backward, setup_context=_route_scan_setup)
 
 
-_WEIGHT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# x_proj weight -> (its version, dt weight (weak), its version, merge, w_x, w_dt). Keyed by the
+# tensor's identity (an entry dies with its tensor), so a new tensor that reuses a freed one's
+# memory can never hit a stale entry.
+_WEIGHT_CACHE = WeakIdKeyDictionary()
 
 
 def _projection_weights(x_proj_weight, dt_projs_weight, merge: str, R: int, N: int):
@@ -1271,20 +1276,21 @@ def _projection_weights(x_proj_weight, dt_projs_weight, merge: str, R: int, N: i
     w_x (channels in, K·(R + 2N)): head k's W_k^T on its own input channels (concat: a
     block-diagonal matrix; add: every head reads all channels), columns grouped by part so
     that every head's Δ input comes first, then every B, then every C. w_dt (K·R, K·d): the
-    block-diagonal dt projection. Without gradients (inference), cached per weight version.
+    block-diagonal dt projection. Without gradients (inference), cached until either weight
+    changes in place.
     """
-    key = None
+    versions = None
     needs_grad = torch.is_grad_enabled() and (x_proj_weight.requires_grad or dt_projs_weight.requires_grad)
     if not needs_grad and not torch.compiler.is_compiling():  # (a compiled graph builds them once anyway)
         try:
-            key = (x_proj_weight.data_ptr(), x_proj_weight._version, dt_projs_weight.data_ptr(),
-                   dt_projs_weight._version, tuple(x_proj_weight.shape), x_proj_weight.dtype, x_proj_weight.device,
-                   merge)
+            versions = (x_proj_weight._version, dt_projs_weight._version)
         except RuntimeError:  # inference-mode tensors keep no version counter
-            key = None
-        hit = _WEIGHT_CACHE.get(key) if key is not None else None
+            versions = None
+        hit = _WEIGHT_CACHE.get(x_proj_weight) if versions is not None else None
         if hit is not None:
-            return hit
+            x_version, dt_ref, dt_version, hit_merge, w_x, w_dt = hit
+            if dt_ref() is dt_projs_weight and (x_version, dt_version, hit_merge) == (*versions, merge):
+                return w_x, w_dt
     K, c, d = x_proj_weight.shape
     heads = torch.arange(K, device=x_proj_weight.device)
     if merge == "concat":
@@ -1299,10 +1305,8 @@ def _projection_weights(x_proj_weight, dt_projs_weight, merge: str, R: int, N: i
     w_dt = dt_projs_weight.new_zeros(K, R, K, Kd)  # [k, :, k, :] = dt_k^T
     w_dt[heads, :, heads, :] = dt_projs_weight.transpose(1, 2)
     w_dt = w_dt.view(K * R, K * Kd)
-    if key is not None:
-        if len(_WEIGHT_CACHE) > 512:
-            _WEIGHT_CACHE.clear()
-        _WEIGHT_CACHE[key] = (w_x, w_dt)
+    if versions is not None:
+        _WEIGHT_CACHE[x_proj_weight] = (versions[0], weakref.ref(dt_projs_weight), versions[1], merge, w_x, w_dt)
     return w_x, w_dt
 
 
