@@ -397,8 +397,7 @@ def phase_kernel(args, device, log) -> list[dict]:
         step_nseg = st._step_segments(b, d, L, device)[1]
         nseg_default = step_nseg if st.FORWARD_KERNEL == "step" else cfg["NSEG"]
         design_fwd = min_fwd + (4 * b * (2 * d * L + g * n * L) if nseg_default > 1 else 0)
-        cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
-        cl4 = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731
+        cl3, cl4 = st.seq_channels_last, st.bc_channels_last
         u_cl, dl_cl, B_cl, C_cl, dy_cl = cl3(u), cl3(dl), cl4(B), cl4(C), cl3(dy)
         out_cl = torch.empty(b, L, d, device=device).transpose(1, 2)
         variants = {
@@ -744,10 +743,8 @@ def sweep_step_kernel(device, log, deadline) -> list[dict]:
         L = side * side
         inp = {k: v.float() for k, v in scan_case(b, d, L, n, g, device, seed=9).items()}
         u, dl, A, B, C, D, bias = (inp[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
-        u = u.transpose(1, 2).contiguous().transpose(1, 2)
-        dl = dl.transpose(1, 2).contiguous().transpose(1, 2)
-        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-        C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        u, dl = st.seq_channels_last(u), st.seq_channels_last(dl)
+        B, C = st.bc_channels_last(B), st.bc_channels_last(C)
         out = torch.empty(b, L, d, device=device).transpose(1, 2)
         idx = st.route_index(tuple(ROUTE_SETS["all_around"]), side, side, device)
         fns = {"fwd_routed_ms": lambda: st._forward_step(u, dl, A, B, C, D, bias, True, idx=idx, out=out)}
@@ -771,10 +768,8 @@ def sweep_step_backward(device, log, deadline) -> list[dict]:
     for b, d, side in [(8, 64, 128), (1, 64, 256), (8, 128, 64), (1, 512, 32)]:
         L = side * side
         inp = {k: v.float() for k, v in scan_case(b, d, L, n, g, device, seed=9).items()}
-        cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
-        u, dl, dy = cl3(inp["u"]), cl3(inp["delta"]), cl3(inp["z"])
-        B = inp["B"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-        C = inp["C"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        u, dl, dy = (st.seq_channels_last(inp[k]) for k in ("u", "delta", "z"))
+        B, C = st.bc_channels_last(inp["B"]), st.bc_channels_last(inp["C"])
         A, D, bias = inp["A"], inp["D"], inp["delta_bias"]
         idx = st.route_index(tuple(ROUTE_SETS["all_around"]), side, side, device)
         fns = {"bwd_routed_ms": lambda: st._backward_step(u, dl, A, B, C, D, bias, True, dy, idx=idx)}

@@ -50,18 +50,23 @@ if triton is not None:
             return bi * s_b, offs_c[:, None] + offs_p[None, :] * s_p
 
     @triton.jit
-    def _cln_fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, sx_b, sx_c, sx_p, eps,
-                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
-                        BP: tl.constexpr):
-        """One (pixel block, batch item): y, and the per-pixel mean and 1/σ for the backward.
-        y (and the gate z) have x's strides. GATE: y = norm(x) · silu(z)."""
+    def _norm_tile(C, P, BC: tl.constexpr, BP: tl.constexpr):
+        """A norm kernel's program (pixel block, batch item): its channel and pixel offsets and masks."""
         pb = tl.program_id(0)
         bi = tl.program_id(1).to(tl.int64)
         offs_c = tl.arange(0, BC)
         offs_p = pb * BP + tl.arange(0, BP)
         c_ok = offs_c < C
         p_ok = offs_p < P
-        m = c_ok[:, None] & p_ok[None, :]
+        return pb, bi, offs_c, offs_p, c_ok, p_ok, c_ok[:, None] & p_ok[None, :]
+
+    @triton.jit
+    def _cln_fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, sx_b, sx_c, sx_p, eps,
+                        BIAS_FREE: tl.constexpr, PIX_UNIT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
+                        BP: tl.constexpr):
+        """One (pixel block, batch item): y, and the per-pixel mean and 1/σ for the backward.
+        y (and the gate z) have x's strides. GATE: y = norm(x) · silu(z)."""
+        pb, bi, offs_c, offs_p, c_ok, p_ok, m = _norm_tile(C, P, BC, BP)
         base, off = _offsets(bi, offs_c, offs_p, sx_b, sx_c, sx_p, PIX_UNIT)
         x = tl.load(x_ptr + base + off, mask=m, other=0.0)
         mean = tl.sum(x, axis=0) / C
@@ -94,13 +99,7 @@ if triton is not None:
         WithBias: dx = (g − mean_c g − x̂ mean_c(g x̂)) / σ with g = dy·w, x̂ = (x − μ)/σ.
         BiasFree: dx = g/σ − (x − μ) Σ_c(g x) / (C σ³).
         """
-        pb = tl.program_id(0)
-        bi = tl.program_id(1).to(tl.int64)
-        offs_c = tl.arange(0, BC)
-        offs_p = pb * BP + tl.arange(0, BP)
-        c_ok = offs_c < C
-        p_ok = offs_p < P
-        m = c_ok[:, None] & p_ok[None, :]
+        pb, bi, offs_c, offs_p, c_ok, p_ok, m = _norm_tile(C, P, BC, BP)
         base, off = _offsets(bi, offs_c, offs_p, sx_b, sx_c, sx_p, PIX_UNIT)
         gbase, goff = _offsets(bi, offs_c, offs_p, sg_b, sg_c, sg_p, PIX_UNIT)
         x = tl.load(x_ptr + base + off, mask=m, other=0.0)

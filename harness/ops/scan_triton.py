@@ -380,6 +380,50 @@ if triton is not None:
                      "su_b", "su_c", "su_l", "sd_b", "sd_c", "sd_l", "sB_b", "sB_g", "sB_l",
                      "sC_b", "sC_g", "sC_l", "sy_b", "sy_c", "sy_l"]
 
+    @triton.jit
+    def _step_program(A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BD: tl.constexpr, BN: tl.constexpr):
+        """A step kernel's program (block of BD channels, segment, batch): its coordinates, masks
+        and per-channel parameters, as (states × channels) tiles with channels across lanes.
+        A2 = A log2 e (exp(Δ A) = exp2(Δ A2)); Dv / bias are zeros when the kernel has none
+        (unused then, and compiled away)."""
+        cb = tl.program_id(0)
+        seg = tl.program_id(1)
+        bi = tl.program_id(2).to(tl.int64)
+        ch = cb * BD + tl.arange(0, BD)
+        ch_ok = ch < NCH
+        grp = ch // DG
+        uch = ch % U_CH
+        offs_n = tl.arange(0, BN)
+        n_ok = offs_n < N
+        m_nd = n_ok[:, None] & ch_ok[None, :]
+        # (see the hint on B in the forward kernel)
+        A2 = tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs_n[:, None], [1, BD]), mask=m_nd,
+                     other=0.0) * 1.4426950408889634
+        if HAS_D:
+            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
+        else:
+            Dv = tl.zeros((BD,), dtype=A2.dtype)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
+        else:
+            bias = tl.zeros((BD,), dtype=A2.dtype)
+        return cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias
+
+    @triton.jit
+    def _step_delta(idx_rows, t, ok, dt_base, dt_off, sd_l, bias, ROUTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SOFTPLUS: tl.constexpr, BD: tl.constexpr):
+        """Step t of a step kernel: each channel's position (through its group's route when
+        ROUTED), raw = dt (+ bias) there, and Δ (0 where not ok)."""
+        if ROUTED:
+            pos = tl.load(idx_rows + t, mask=ok, other=0)
+        else:
+            pos = t + tl.zeros((BD,), dtype=tl.int32)
+        raw = tl.load(dt_base + (dt_off + pos * sd_l), mask=ok, other=0.0)
+        if HAS_BIAS:
+            raw = raw + bias
+        return pos, raw, tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
+
     @triton.jit(do_not_specialize=_STEP_RUNTIME)
     def _fwd_step_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, idx_ptr, y_ptr, hin_ptr, end_ptr, prod_ptr, h_ptr,
@@ -407,23 +451,8 @@ if triton is not None:
         channel), if STORE_H: the backward kernel reads it). Segment states are laid out
         (batch, segment, state, channel).
         """
-        cb = tl.program_id(0)
-        seg = tl.program_id(1)
-        bi = tl.program_id(2).to(tl.int64)
-        ch = cb * BD + tl.arange(0, BD)
-        ch_ok = ch < NCH
-        grp = ch // DG
-        uch = ch % U_CH
-        offs_n = tl.arange(0, BN)
-        n_ok = offs_n < N
-        m_nd = n_ok[:, None] & ch_ok[None, :]
-        # (states × channels), channels across lanes (see the hint on B below)
-        A = tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs_n[:, None], [1, BD]), mask=m_nd, other=0.0)
-        A2 = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-        if HAS_D:
-            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
+        cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias = _step_program(
+            A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN)
         u_base = u_ptr + bi * su_b
         y_base = y_ptr + bi * sy_b
         dt_base = dt_ptr + bi * sd_b
@@ -441,22 +470,16 @@ if triton is not None:
         if HAS_CARRY:
             h = tl.load(tl.max_contiguous(hin_ptr + state_off, [1, BD]), mask=m_nd, other=0.0)
         else:
-            h = tl.zeros((BN, BD), dtype=A.dtype)
-        dsum = tl.zeros((BD,), dtype=A.dtype)
+            h = tl.zeros((BN, BD), dtype=A2.dtype)
+        dsum = tl.zeros((BD,), dtype=A2.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
         for t0 in range(t_begin, t_end, UNROLL):
             for j in tl.static_range(UNROLL):
                 t = t0 + j
                 ok = ch_ok & (t < t_end)
-                if ROUTED:
-                    pos = tl.load(idx_rows + t, mask=ok, other=0)
-                else:
-                    pos = t + tl.zeros((BD,), dtype=tl.int32)
-                raw = tl.load(dt_base + (dt_off + pos * sd_l), mask=ok, other=0.0)
-                if HAS_BIAS:
-                    raw = raw + bias
-                dlt = tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
+                pos, raw, dlt = _step_delta(idx_rows, t, ok, dt_base, dt_off, sd_l, bias, ROUTED, HAS_BIAS, SOFTPLUS,
+                                            BD)
                 uu = tl.load(u_base + (u_off + pos * su_l), mask=ok, other=0.0)
                 m2 = n_ok[:, None] & ok[None, :]
                 # Tell the compiler to lay channels across lanes (its coalescing analysis would
@@ -512,22 +535,8 @@ if triton is not None:
         the segment's end; writes r at its start and the decay product). Otherwise start from
         gin (HAS_CARRY) and write every gradient; dA per (batch, segment).
         """
-        cb = tl.program_id(0)
-        seg = tl.program_id(1)
-        bi = tl.program_id(2).to(tl.int64)
-        ch = cb * BD + tl.arange(0, BD)
-        ch_ok = ch < NCH
-        grp = ch // DG
-        uch = ch % U_CH
-        offs_n = tl.arange(0, BN)
-        n_ok = offs_n < N
-        m_nd = n_ok[:, None] & ch_ok[None, :]
-        A2 = tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs_n[:, None], [1, BD]), mask=m_nd,
-                     other=0.0) * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
+        cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias = _step_program(
+            A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN)
         u_base = u_ptr + bi * su_b
         dt_base = dt_ptr + bi * sd_b
         dy_base = dy_ptr + bi * sy_b
@@ -567,15 +576,9 @@ if triton is not None:
             for j in tl.static_range(UNROLL):
                 t = t_end - 1 - (k0 + j)
                 ok = ch_ok & (t >= t_begin)
-                if ROUTED:
-                    pos = tl.load(idx_rows + t, mask=ok, other=0)
-                else:
-                    pos = t + tl.zeros((BD,), dtype=tl.int32)
+                pos, raw, dlt = _step_delta(idx_rows, t, ok, dt_base, ch * sd_c, sd_l, bias, ROUTED, HAS_BIAS,
+                                            SOFTPLUS, BD)
                 m2 = n_ok[:, None] & ok[None, :]
-                raw = tl.load(dt_base + (ch * sd_c + pos * sd_l), mask=ok, other=0.0)
-                if HAS_BIAS:
-                    raw = raw + bias
-                dlt = tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
                 dyv = tl.load(dy_base + (uch * sy_c + pos * sy_l), mask=ok, other=0.0)
                 Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
                              other=0.0)
@@ -808,6 +811,16 @@ def _step_segments(b: int, NCH: int, L: int, device, seg_len: int | None = None,
     return seg_len, -(-L // seg_len)
 
 
+def seq_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A (b, c, L) tensor stored as (b, L, c): the layout the step kernels read coalesced."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def bc_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A (b, g, n, L) B/C tensor stored as (b, L, g, n): unit stride along the states."""
+    return t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+
+
 def _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx, seg_len, block_d, extra=()):
     """What the step kernels' launches share: B/C in (b, L, g, n) memory, the size checks, the
     run-time sizes and strides, the flags, the grid and the placeholder pointers."""
@@ -817,8 +830,7 @@ def _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx, seg_len, block_
     BD = block_d or 32 * STEP_WARPS
     seg_len, nseg = _step_segments(b, NCH, L, u.device, seg_len, BD)
     if B.stride(2) != 1 or C.stride(2) != 1:  # the kernels want (b, L, g, n) in memory
-        B = B.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-        C = C.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        B, C = bc_channels_last(B), bc_channels_last(C)
     for t in (u, delta, B, C, *extra):
         if max((s - 1) * st for s, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
             raise ValueError(f"selective scan (step kernel): one batch item of a {tuple(t.shape)} tensor "
@@ -973,6 +985,11 @@ def step_backward_supported(NCH: int, G: int, block_d: int | None = None) -> boo
     return _step_partial_width(NCH // G, block_d or 32 * STEP_WARPS) is not None
 
 
+def _use_step_backward(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """The step backward is selected (``BACKWARD_KERNEL``) and its channel blocks fit A's groups."""
+    return BACKWARD_KERNEL == "step" and step_backward_supported(A.shape[0], B.shape[1])
+
+
 def _forward(u, delta, A, B, C, D, delta_bias, softplus, idx=None, accumulate=False, **overrides):
     """y (b, U_CH, L): u (b, U_CH, L), delta (b, NCH, L), A (NCH, N), B/C (b, G, N, L).
 
@@ -1036,7 +1053,7 @@ def _backward(u, delta, A, B, C, D, delta_bias, softplus, dy, idx=None, accumula
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias) for ``_forward``'s layout and options: the step
     kernels (``BACKWARD_KERNEL``) where their channel blocks fit the groups, else the tile kernels
     (also when ``overrides`` pick tile sizes)."""
-    if BACKWARD_KERNEL == "step" and not overrides and step_backward_supported(A.shape[0], B.shape[1]):
+    if not overrides and _use_step_backward(A, B):
         return _backward_step(u, delta, A, B, C, D, delta_bias, softplus, dy, idx, accumulate)
     return _backward_tile(u, delta, A, B, C, D, delta_bias, softplus, dy, idx, accumulate, **overrides)
 
@@ -1185,7 +1202,7 @@ def _route_scan_bwd_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     """Gradients of ``_route_scan_impl`` (dy is (b, L, U_CH))."""
     idx = route_index(tuple(routes.split(",")), height, width, u.device)
     dy = dy.transpose(1, 2)  # (b, U_CH, L)
-    if BACKWARD_KERNEL == "step" and step_backward_supported(A.shape[0], B.shape[1]):
+    if _use_step_backward(A, B):
         # reads and writes through the route index on channels-last runs, like the forward
         return _backward_step(u, delta, A, B, C, D, delta_bias, True, dy, idx=idx, accumulate=accumulate)
     return _step_layout(*_route_scan_bwd_tile(u, delta, A, B, C, D, delta_bias, dy, idx, accumulate))
@@ -1194,9 +1211,8 @@ def _route_scan_bwd_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 def _step_layout(du, ddelta, dA, dB, dC, dD, dbias):
     """The gradients in the memory layout the step backward returns (and the fake declares):
     du, ddelta as (b, L, c) memory; dB, dC as (b, L, g, n) memory."""
-    cl = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
-    bc = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731
-    return cl(du), cl(ddelta), dA, bc(dB), bc(dC), dD, dbias
+    return (seq_channels_last(du), seq_channels_last(ddelta), dA, bc_channels_last(dB), bc_channels_last(dC), dD,
+            dbias)
 
 
 def _route_scan_bwd_tile(u, delta, A, B, C, D, delta_bias, dy, idx, accumulate):
