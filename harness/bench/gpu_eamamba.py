@@ -733,11 +733,13 @@ def sweep_step_kernel(device, log, deadline) -> list[dict]:
     """The step kernel's knobs on channels-last, routed inputs at the model's level-1 shapes."""
     rows: list[dict] = []
     knobs = ("STEP_UNROLL", "STEP_WARPS", "STEP_WARPS_PER_SM", "STEP_MIN_SEGMENT", "CARRY_BLOCK_S", "STEP_MAXNREG")
-    settings = [{}, dict(STEP_UNROLL=2), dict(STEP_UNROLL=8), dict(STEP_WARPS=2),
-                dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=64), dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16)]
-    # register caps (occupancy: ncu saw 12-16 resident warps per SM at 128-155 registers, stalled on loads)
-    settings += [dict(STEP_MAXNREG=r, STEP_UNROLL=u, STEP_WARPS_PER_SM=w)
-                 for r in (64, 80, 96, 128) for u in (1, 2, 4) for w in (32, 64)]
+    # each iteration waits for one memory round trip (positions read an iteration ahead, loads
+    # before stores): unroll trades steps in flight per warp against registers (warps per SM)
+    settings = [{}, dict(STEP_UNROLL=1), dict(STEP_UNROLL=2), dict(STEP_UNROLL=8), dict(STEP_WARPS=2),
+                dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16), dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=64),
+                dict(STEP_WARPS_PER_SM=16), dict(STEP_UNROLL=2, STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16),
+                dict(STEP_UNROLL=1, STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16),
+                dict(STEP_UNROLL=2, STEP_MAXNREG=128), dict(STEP_UNROLL=4, STEP_MAXNREG=168)]
     g, n = 8, 16
     for b, d, side in [(1, 64, 256), (1, 64, 1024), (8, 64, 128), (1, 512, 32)]:
         L = side * side
@@ -761,9 +763,9 @@ def sweep_step_backward(device, log, deadline) -> list[dict]:
     """The step backward's knobs (unroll, segments, register cap) on channels-last, routed inputs."""
     rows: list[dict] = []
     knobs = ("STEP_BWD_UNROLL", "STEP_WARPS_PER_SM", "STEP_MIN_SEGMENT", "STEP_MAXNREG")
-    settings = [{}, dict(STEP_BWD_UNROLL=1), dict(STEP_BWD_UNROLL=4), dict(STEP_WARPS_PER_SM=64),
+    settings = [{}, dict(STEP_BWD_UNROLL=2), dict(STEP_WARPS_PER_SM=64),
                 dict(STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16), dict(STEP_WARPS_PER_SM=16),
-                dict(STEP_MAXNREG=128), dict(STEP_MAXNREG=168), dict(STEP_MAXNREG=128, STEP_BWD_UNROLL=1)]
+                dict(STEP_MAXNREG=168), dict(STEP_BWD_UNROLL=2, STEP_WARPS_PER_SM=64, STEP_MIN_SEGMENT=16)]
     g, n = 8, 16
     for b, d, side in [(8, 64, 128), (1, 64, 256), (8, 128, 64), (1, 512, 32)]:
         L = side * side

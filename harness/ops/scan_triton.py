@@ -411,18 +411,31 @@ if triton is not None:
         return cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias
 
     @triton.jit
-    def _step_delta(idx_rows, t, ok, dt_base, dt_off, sd_l, bias, ROUTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SOFTPLUS: tl.constexpr, BD: tl.constexpr):
-        """Step t of a step kernel: each channel's position (through its group's route when
-        ROUTED), raw = dt (+ bias) there, and Δ (0 where not ok)."""
-        if ROUTED:
-            pos = tl.load(idx_rows + t, mask=ok, other=0)
-        else:
-            pos = t + tl.zeros((BD,), dtype=tl.int32)
+    def _step_positions(idx_rows, t0, t_lo, t_hi, ch_ok, ROUTED: tl.constexpr, STEPS: tl.constexpr,
+                        BD: tl.constexpr, REVERSE: tl.constexpr = False):
+        """Each channel's position at steps t0 + j (t0 - j when REVERSE), j < STEPS, as a tuple of
+        (BD,) vectors: through its group's route when ROUTED (0 outside [t_lo, t_hi)), else the
+        step itself. The step kernels read these an iteration ahead of the data they point at."""
+        out = ()
+        for j in tl.static_range(STEPS):
+            if REVERSE:
+                t = t0 - j
+            else:
+                t = t0 + j
+            if ROUTED:
+                pos = tl.load(idx_rows + t, mask=ch_ok & (t >= t_lo) & (t < t_hi), other=0)
+            else:
+                pos = t + tl.zeros((BD,), dtype=tl.int32)
+            out = out + (pos,)
+        return out
+
+    @triton.jit
+    def _step_delta(pos, ok, dt_base, dt_off, sd_l, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """raw = dt (+ bias) at each channel's position, and Δ (0 where not ok)."""
         raw = tl.load(dt_base + (dt_off + pos * sd_l), mask=ok, other=0.0)
         if HAS_BIAS:
             raw = raw + bias
-        return pos, raw, tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
+        return raw, tl.where(ok, _delta_of(raw, SOFTPLUS), 0.0)
 
     @triton.jit(do_not_specialize=_STEP_RUNTIME)
     def _fwd_step_kernel(
@@ -474,24 +487,39 @@ if triton is not None:
         dsum = tl.zeros((BD,), dtype=A2.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
+        # Memory latency, not bandwidth, bounds this loop, so an iteration waits for one round
+        # trip: the route positions are read an iteration ahead of the data they point at, and
+        # all UNROLL steps' loads are issued before the first store (a store may alias the
+        # inputs as far as the compiler knows, so it never moves a load above one).
+        pos_next = _step_positions(idx_rows, t_begin, t_begin, t_end, ch_ok, ROUTED, UNROLL, BD)
         for t0 in range(t_begin, t_end, UNROLL):
+            pos_now = pos_next
+            loaded = ()
             for j in tl.static_range(UNROLL):
-                t = t0 + j
-                ok = ch_ok & (t < t_end)
-                pos, raw, dlt = _step_delta(idx_rows, t, ok, dt_base, dt_off, sd_l, bias, ROUTED, HAS_BIAS, SOFTPLUS,
-                                            BD)
-                uu = tl.load(u_base + (u_off + pos * su_l), mask=ok, other=0.0)
+                ok = ch_ok & ((t0 + j) < t_end)
                 m2 = n_ok[:, None] & ok[None, :]
+                pos = pos_now[j]
+                raw, dlt = _step_delta(pos, ok, dt_base, dt_off, sd_l, bias, HAS_BIAS, SOFTPLUS)
+                uu = tl.load(u_base + (u_off + pos * su_l), mask=ok, other=0.0)
                 # Tell the compiler to lay channels across lanes (its coalescing analysis would
                 # otherwise put the states there): the strides are run-time values, so no
                 # vector access is derived from this.
                 Bv = tl.load(tl.max_contiguous(B_base + (B_off + (pos * sB_l)[None, :]), [1, BD]), mask=m2, other=0.0)
+                if WRITE_Y and not END_ONLY:
+                    Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
+                                 other=0.0)
+                else:
+                    Cv = Bv  # unused
+                loaded = loaded + ((pos, dlt, uu, Bv, Cv),)
+            pos_next = _step_positions(idx_rows, t0 + UNROLL, t_begin, t_end, ch_ok, ROUTED, UNROLL, BD)
+            for j in tl.static_range(UNROLL):
+                pos, dlt, uu, Bv, Cv = loaded[j]
+                t = t0 + j
+                ok = ch_ok & (t < t_end)
                 h = tl.exp2(dlt[None, :] * A2) * h + (dlt * uu)[None, :] * Bv
                 if END_ONLY:
                     dsum += dlt
                 if WRITE_Y and not END_ONLY:
-                    Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
-                                 other=0.0)
                     y = tl.sum(h * Cv, axis=0)
                     if HAS_D:
                         y = y + Dv * uu
@@ -500,7 +528,8 @@ if triton is not None:
                     else:
                         tl.store(y_base + (y_off + pos * sy_l), y, mask=ok)
                 if STORE_H and not END_ONLY:
-                    tl.store(tl.max_contiguous(h_base + t.to(tl.int64) * N * NCH + h_off, [1, BD]), h, mask=m2)
+                    tl.store(tl.max_contiguous(h_base + t.to(tl.int64) * N * NCH + h_off, [1, BD]), h,
+                             mask=n_ok[:, None] & ok[None, :])
         if END_ONLY:
             tl.store(tl.max_contiguous(end_ptr + state_off, [1, BD]), h, mask=m_nd)
             tl.store(tl.max_contiguous(prod_ptr + state_off, [1, BD]), tl.exp2(dsum[None, :] * A2), mask=m_nd)
@@ -572,26 +601,50 @@ if triton is not None:
         if not END_ONLY:
             h_cur = tl.load(tl.max_contiguous(h_base + (t_end - 1).to(tl.int64) * N * NCH + h_off, [1, BD]),
                             mask=m_nd, other=0.0)
+        # As in the forward: positions an iteration ahead, every load of an iteration before its
+        # first store, so an iteration waits for one memory round trip.
+        pos_next = _step_positions(idx_rows, t_end - 1, t_begin, t_end, ch_ok, ROUTED, UNROLL, BD, True)
+        if not END_ONLY:
+            ppos_next = _step_positions(part_idx, t_end - 1, t_begin, t_end, part_ok, ROUTED, UNROLL, BD // W, True)
         for k0 in range(0, t_end - t_begin, UNROLL):
+            pos_now = pos_next
+            if not END_ONLY:
+                ppos_now = ppos_next
+            loaded = ()
             for j in tl.static_range(UNROLL):
                 t = t_end - 1 - (k0 + j)
                 ok = ch_ok & (t >= t_begin)
-                pos, raw, dlt = _step_delta(idx_rows, t, ok, dt_base, ch * sd_c, sd_l, bias, ROUTED, HAS_BIAS,
-                                            SOFTPLUS, BD)
                 m2 = n_ok[:, None] & ok[None, :]
+                pos = pos_now[j]
+                raw, dlt = _step_delta(pos, ok, dt_base, ch * sd_c, sd_l, bias, HAS_BIAS, SOFTPLUS)
                 dyv = tl.load(dy_base + (uch * sy_c + pos * sy_l), mask=ok, other=0.0)
                 Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
                              other=0.0)
-                g = r + Cv * dyv[None, :]
-                a = tl.exp2(dlt[None, :] * A2)
                 if END_ONLY:
-                    dsum += dlt
+                    h_prev = Cv  # unused
+                    uu = dyv
+                    Bv = Cv
                 else:
                     h_prev = tl.load(tl.max_contiguous(h_base + (t - 1).to(tl.int64) * N * NCH + h_off, [1, BD]),
                                      mask=m2 & (t >= 1), other=0.0)
                     uu = tl.load(u_base + (uch * su_c + pos * su_l), mask=ok, other=0.0)
                     Bv = tl.load(tl.max_contiguous(B_base + (B_off + (pos * sB_l)[None, :]), [1, BD]), mask=m2,
                                  other=0.0)
+                loaded = loaded + ((pos, raw, dlt, dyv, Cv, h_prev, uu, Bv),)
+            pos_next = _step_positions(idx_rows, t_end - 1 - (k0 + UNROLL), t_begin, t_end, ch_ok, ROUTED, UNROLL,
+                                       BD, True)
+            if not END_ONLY:
+                ppos_next = _step_positions(part_idx, t_end - 1 - (k0 + UNROLL), t_begin, t_end, part_ok, ROUTED,
+                                            UNROLL, BD // W, True)
+            for j in tl.static_range(UNROLL):
+                pos, raw, dlt, dyv, Cv, h_prev, uu, Bv = loaded[j]
+                t = t_end - 1 - (k0 + j)
+                ok = ch_ok & (t >= t_begin)
+                g = r + Cv * dyv[None, :]
+                a = tl.exp2(dlt[None, :] * A2)
+                if END_ONLY:
+                    dsum += dlt
+                else:
                     gB = tl.sum(g * Bv, axis=0)
                     du = dlt * gB
                     if HAS_D:
@@ -610,11 +663,7 @@ if triton is not None:
                         tl.store(du_base + (uch * sdu_c + pos * sdu_l), du, mask=ok)
                     tl.store(ddt_base + (ch * sdd_c + pos * sdd_l), ddl, mask=ok)
                     t_ok = t >= t_begin
-                    if ROUTED:
-                        ppos = tl.load(part_idx + t, mask=part_ok & t_ok, other=0)
-                    else:
-                        ppos = t + tl.zeros((BD // W,), dtype=tl.int32)
-                    poff = (ppos * (P * N))[None, :] + part_off
+                    poff = (ppos_now[j] * (P * N))[None, :] + part_off
                     tl.store(dB_base + poff, dBv, mask=m_part & t_ok)
                     tl.store(dC_base + poff, dCv, mask=m_part & t_ok)
                     h_cur = h_prev
