@@ -82,7 +82,7 @@ BWD_WARPS = 4
 # tile 0.95 ms; at 1024² 4.2 ms against 20 ms.
 FORWARD_KERNEL = "step"
 STEP_WARPS = 1  # the step kernel's warps per program: BD = 32 · STEP_WARPS channels
-STEP_UNROLL = 4
+STEP_UNROLL = 1  # H200 run 16: 1 was fastest of 1, 2, 4, 8 at 3 of 4 swept shapes once loads preceded stores
 STEP_WARPS_PER_SM = 32  # segments are cut until about this many warps per multiprocessor
 STEP_MAX_SEGMENTS = 4096
 STEP_MIN_SEGMENT = 32
@@ -382,11 +382,12 @@ if triton is not None:
 
     @triton.jit
     def _step_program(A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BD: tl.constexpr, BN: tl.constexpr):
-        """A step kernel's program (block of BD channels, segment, batch): its coordinates, masks
-        and per-channel parameters, as (states × channels) tiles with channels across lanes.
-        A2 = A log2 e (exp(Δ A) = exp2(Δ A2)); Dv / bias are zeros when the kernel has none
-        (unused then, and compiled away)."""
+                      BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr):
+        """A step kernel's program (block of BD channels, segment, batch): its coordinates and
+        per-channel parameters. A channel's states are held as BN / VN chunks, each a (VN × BD)
+        tile with channels across lanes and VN states inside each thread (VN contiguous states
+        of B and C are one 16-byte load). A2 = A log2 e (exp(Δ A) = exp2(Δ A2)), a tuple of
+        chunks; Dv / bias are zeros when the kernel has none (unused then, and compiled away)."""
         cb = tl.program_id(0)
         seg = tl.program_id(1)
         bi = tl.program_id(2).to(tl.int64)
@@ -394,21 +395,60 @@ if triton is not None:
         ch_ok = ch < NCH
         grp = ch // DG
         uch = ch % U_CH
-        offs_n = tl.arange(0, BN)
-        n_ok = offs_n < N
-        m_nd = n_ok[:, None] & ch_ok[None, :]
-        # (see the hint on B in the forward kernel)
-        A2 = tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs_n[:, None], [1, BD]), mask=m_nd,
-                     other=0.0) * 1.4426950408889634
+        A2 = ()
+        for c in tl.static_range(BN // VN):
+            offs = c * VN + tl.arange(0, VN)
+            # (see the hint on B in the forward kernel)
+            A2 = A2 + (tl.load(tl.max_contiguous(A_ptr + ch[None, :] * N + offs[:, None], [1, BD]),
+                               mask=(offs < N)[:, None] & ch_ok[None, :], other=0.0) * 1.4426950408889634,)
         if HAS_D:
             Dv = tl.load(D_ptr + ch, mask=ch_ok, other=0.0)
         else:
-            Dv = tl.zeros((BD,), dtype=A2.dtype)
+            Dv = tl.zeros((BD,), dtype=A2[0].dtype)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + ch, mask=ch_ok, other=0.0)
         else:
-            bias = tl.zeros((BD,), dtype=A2.dtype)
-        return cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias
+            bias = tl.zeros((BD,), dtype=A2[0].dtype)
+        return cb, seg, bi, ch, ch_ok, grp, uch, A2, Dv, bias
+
+    @triton.jit
+    def _states_load(ptr, row, ch, ch_ok, N, NCH, BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr,
+                     extra_ok=True):
+        """Chunks of the (state, channel) slab at state row ``row`` of an array laid out
+        (..., state, channel): channels contiguous, so each chunk row is one coalesced load."""
+        out = ()
+        for c in tl.static_range(BN // VN):
+            offs = c * VN + tl.arange(0, VN)
+            out = out + (tl.load(tl.max_contiguous(ptr + ((row + offs)[:, None] * NCH + ch[None, :]), [1, BD]),
+                                 mask=(offs < N)[:, None] & ch_ok[None, :] & extra_ok, other=0.0),)
+        return out
+
+    @triton.jit
+    def _states_store(ptr, row, ch, ch_ok, N, NCH, x, BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr):
+        """Store chunks ``x`` at state row ``row`` of an array laid out (..., state, channel)."""
+        for c in tl.static_range(BN // VN):
+            offs = c * VN + tl.arange(0, VN)
+            tl.store(tl.max_contiguous(ptr + ((row + offs)[:, None] * NCH + ch[None, :]), [1, BD]), x[c],
+                     mask=(offs < N)[:, None] & ch_ok[None, :])
+
+    @triton.jit
+    def _group_states_load(base, addr, ok, N, BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr,
+                           VEC: tl.constexpr):
+        """B or C for each channel: its group's states at ``addr`` (group row + position · stride),
+        as chunks. VEC: the rows are 16-byte aligned and N == BN, so each chunk is one 16-byte
+        load per thread. Otherwise one load per state, with channels across lanes (the hint
+        keeps the compiler's coalescing analysis from putting the states there)."""
+        out = ()
+        for c in tl.static_range(BN // VN):
+            offs = c * VN + tl.arange(0, VN)
+            ptrs = base + (addr[None, :] + offs[:, None])
+            if VEC:
+                v = tl.load(tl.max_contiguous(tl.multiple_of(ptrs, [16, 1]), [VN, 1]), mask=ok[None, :], other=0.0)
+            else:
+                v = tl.load(tl.max_contiguous(ptrs, [1, BD]), mask=(offs < N)[:, None] & ok[None, :],
+                            other=0.0)
+            out = out + (v,)
+        return out
 
     @triton.jit
     def _step_positions(idx_rows, t0, t_lo, t_hi, ch_ok, ROUTED: tl.constexpr, STEPS: tl.constexpr,
@@ -444,19 +484,19 @@ if triton is not None:
         su_b, su_c, su_l, sd_b, sd_c, sd_l, sB_b, sB_g, sB_l, sC_b, sC_g, sC_l, sy_b, sy_c, sy_l,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CARRY: tl.constexpr, END_ONLY: tl.constexpr,
-        BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+        BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr, VEC_BC: tl.constexpr, UNROLL: tl.constexpr,
         WRITE_Y: tl.constexpr = True, STORE_H: tl.constexpr = False,
     ):
         """Forward, one step at a time, one thread per channel holding all its states.
 
-        The (states × channels) tile puts channels across lanes and states inside each thread,
-        so the recurrence and y_t = Σ_n C_t,n x_t,n need no communication between threads, and
-        the loads of u, Δ and y are one element per thread per step (contiguous across the warp
-        when the tensors are channels-last: their strides are run-time arguments). B and C must
-        have unit stride along the states (channels-last, (b, L, g, n) in memory). Offsets
-        inside one batch item are 32-bit (the launcher checks the sizes), which keeps the
-        register count down. UNROLL steps per iteration keep their loads in flight together;
-        the chain between steps is one multiply-add per state.
+        Channels across lanes and states inside each thread, so the recurrence and
+        y_t = Σ_n C_t,n x_t,n need no communication between threads, and the loads of u, Δ and
+        y are one element per thread per step (contiguous across the warp when the tensors are
+        channels-last: their strides are run-time arguments). B and C must have unit stride
+        along the states (channels-last, (b, L, g, n) in memory); with VEC_BC each chunk of VN
+        states is one 16-byte load. Offsets inside one batch item are 32-bit (the launcher
+        checks the sizes), which keeps the register count down. UNROLL steps per iteration keep
+        their loads in flight together; the chain between steps is one multiply-add per state.
 
         Program = (block of BD channels, segment, batch). END_ONLY: pass 1 (zero start; the
         segment's end state and decay product). Otherwise pass 3 (start from hin if HAS_CARRY;
@@ -464,8 +504,8 @@ if triton is not None:
         channel), if STORE_H: the backward kernel reads it). Segment states are laid out
         (batch, segment, state, channel).
         """
-        cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias = _step_program(
-            A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN)
+        cb, seg, bi, ch, ch_ok, grp, uch, A2, Dv, bias = _step_program(
+            A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN, VN)
         u_base = u_ptr + bi * su_b
         y_base = y_ptr + bi * sy_b
         dt_base = dt_ptr + bi * sd_b
@@ -474,40 +514,35 @@ if triton is not None:
         u_off = uch * su_c  # (BD,) int32
         y_off = uch * sy_c
         dt_off = ch * sd_c
-        B_off = grp[None, :] * sB_g + offs_n[:, None]  # (BN, BD)
-        C_off = grp[None, :] * sC_g + offs_n[:, None]
+        B_row = grp * sB_g
+        C_row = grp * sC_g
         idx_rows = idx_ptr + grp * L
-        state_off = ((bi * NSEG + seg) * N + offs_n[:, None]) * NCH + ch[None, :]
+        state_row = (bi * NSEG + seg) * N
         h_base = h_ptr + bi * L * N * NCH  # STORE_H: (batch, step, state, channel)
-        h_off = offs_n[:, None] * NCH + ch[None, :]
         if HAS_CARRY:
-            h = tl.load(tl.max_contiguous(hin_ptr + state_off, [1, BD]), mask=m_nd, other=0.0)
+            h = _states_load(hin_ptr, state_row, ch, ch_ok, N, NCH, BD, BN, VN)
         else:
-            h = tl.zeros((BN, BD), dtype=A2.dtype)
-        dsum = tl.zeros((BD,), dtype=A2.dtype)
+            h = ()
+            for c in tl.static_range(BN // VN):
+                h = h + (tl.zeros((VN, BD), dtype=Dv.dtype),)
+        dsum = tl.zeros((BD,), dtype=Dv.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
-        # Memory latency, not bandwidth, bounds this loop, so an iteration waits for one round
-        # trip: the route positions are read an iteration ahead of the data they point at, and
-        # all UNROLL steps' loads are issued before the first store (a store may alias the
-        # inputs as far as the compiler knows, so it never moves a load above one).
+        # The route positions are read an iteration ahead of the data they point at, and all
+        # UNROLL steps' loads are issued before the first store (a store may alias the inputs
+        # as far as the compiler knows, so it never moves a load above one).
         pos_next = _step_positions(idx_rows, t_begin, t_begin, t_end, ch_ok, ROUTED, UNROLL, BD)
         for t0 in range(t_begin, t_end, UNROLL):
             pos_now = pos_next
             loaded = ()
             for j in tl.static_range(UNROLL):
                 ok = ch_ok & ((t0 + j) < t_end)
-                m2 = n_ok[:, None] & ok[None, :]
                 pos = pos_now[j]
                 raw, dlt = _step_delta(pos, ok, dt_base, dt_off, sd_l, bias, HAS_BIAS, SOFTPLUS)
                 uu = tl.load(u_base + (u_off + pos * su_l), mask=ok, other=0.0)
-                # Tell the compiler to lay channels across lanes (its coalescing analysis would
-                # otherwise put the states there): the strides are run-time values, so no
-                # vector access is derived from this.
-                Bv = tl.load(tl.max_contiguous(B_base + (B_off + (pos * sB_l)[None, :]), [1, BD]), mask=m2, other=0.0)
+                Bv = _group_states_load(B_base, B_row + pos * sB_l, ok, N, BD, BN, VN, VEC_BC)
                 if WRITE_Y and not END_ONLY:
-                    Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
-                                 other=0.0)
+                    Cv = _group_states_load(C_base, C_row + pos * sC_l, ok, N, BD, BN, VN, VEC_BC)
                 else:
                     Cv = Bv  # unused
                 loaded = loaded + ((pos, dlt, uu, Bv, Cv),)
@@ -516,23 +551,32 @@ if triton is not None:
                 pos, dlt, uu, Bv, Cv = loaded[j]
                 t = t0 + j
                 ok = ch_ok & (t < t_end)
-                h = tl.exp2(dlt[None, :] * A2) * h + (dlt * uu)[None, :] * Bv
+                if HAS_D:
+                    y = Dv * uu
+                else:
+                    y = tl.zeros((BD,), dtype=Dv.dtype)
+                h_new = ()
+                for c in tl.static_range(BN // VN):
+                    hc = tl.exp2(dlt[None, :] * A2[c]) * h[c] + (dlt * uu)[None, :] * Bv[c]
+                    if WRITE_Y and not END_ONLY:
+                        y += tl.sum(hc * Cv[c], axis=0)
+                    h_new = h_new + (hc,)
+                h = h_new
                 if END_ONLY:
                     dsum += dlt
                 if WRITE_Y and not END_ONLY:
-                    y = tl.sum(h * Cv, axis=0)
-                    if HAS_D:
-                        y = y + Dv * uu
                     if ACCUM:
                         tl.atomic_add(y_base + (y_off + pos * sy_l), y, mask=ok)
                     else:
                         tl.store(y_base + (y_off + pos * sy_l), y, mask=ok)
                 if STORE_H and not END_ONLY:
-                    tl.store(tl.max_contiguous(h_base + t.to(tl.int64) * N * NCH + h_off, [1, BD]), h,
-                             mask=n_ok[:, None] & ok[None, :])
+                    _states_store(h_base, t.to(tl.int64) * N, ch, ok, N, NCH, h, BD, BN, VN)
         if END_ONLY:
-            tl.store(tl.max_contiguous(end_ptr + state_off, [1, BD]), h, mask=m_nd)
-            tl.store(tl.max_contiguous(prod_ptr + state_off, [1, BD]), tl.exp2(dsum[None, :] * A2), mask=m_nd)
+            _states_store(end_ptr, state_row, ch, ch_ok, N, NCH, h, BD, BN, VN)
+            prod = ()
+            for c in tl.static_range(BN // VN):
+                prod = prod + (tl.exp2(dsum[None, :] * A2[c]),)
+            _states_store(prod_ptr, state_row, ch, ch_ok, N, NCH, prod, BD, BN, VN)
 
     @triton.jit
     def _partial_sum(x, BN: tl.constexpr, BD: tl.constexpr, W: tl.constexpr):
@@ -548,7 +592,8 @@ if triton is not None:
         sdu_b, sdu_c, sdu_l, sdd_b, sdd_c, sdd_l,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CARRY: tl.constexpr, END_ONLY: tl.constexpr,
-        BD: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
+        BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr, VEC_BC: tl.constexpr, W: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         """Backward of the step kernel: the adjoint walked backwards in time, one step at a time.
 
@@ -564,8 +609,8 @@ if triton is not None:
         the segment's end; writes r at its start and the decay product). Otherwise start from
         gin (HAS_CARRY) and write every gradient; dA per (batch, segment).
         """
-        cb, seg, bi, ch, ch_ok, grp, uch, offs_n, n_ok, m_nd, A2, Dv, bias = _step_program(
-            A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN)
+        cb, seg, bi, ch, ch_ok, grp, uch, A2, Dv, bias = _step_program(
+            A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN, VN)
         u_base = u_ptr + bi * su_b
         dt_base = dt_ptr + bi * sd_b
         dy_base = dy_ptr + bi * sy_b
@@ -573,11 +618,10 @@ if triton is not None:
         ddt_base = ddt_ptr + bi * sdd_b
         B_base = B_ptr + bi * sB_b
         C_base = C_ptr + bi * sC_b
-        B_off = grp[None, :] * sB_g + offs_n[:, None]  # (BN, BD)
-        C_off = grp[None, :] * sC_g + offs_n[:, None]
+        B_row = grp * sB_g
+        C_row = grp * sC_g
         idx_rows = idx_ptr + grp * L
         h_base = h_ptr + bi * L * N * NCH
-        h_off = offs_n[:, None] * NCH + ch[None, :]
         # partial sums: (batch, position, partial, state), partial q of this block = channels
         # [cb·BD + q·W, cb·BD + (q+1)·W), of group (cb·BD + q·W) // DG
         P = NCH // W
@@ -587,22 +631,25 @@ if triton is not None:
         part_idx = idx_ptr + part_grp * L
         dB_base = dB_ptr + bi * L * P * N
         dC_base = dC_ptr + bi * L * P * N
-        part_off = part[None, :] * N + offs_n[:, None]  # (BN, BD // W)
-        m_part = n_ok[:, None] & part_ok[None, :]
-        state_off = ((bi * NSEG + seg) * N + offs_n[:, None]) * NCH + ch[None, :]
+        state_row = (bi * NSEG + seg) * N
         if HAS_CARRY:
-            r = tl.load(tl.max_contiguous(gin_ptr + state_off, [1, BD]), mask=m_nd, other=0.0)
+            r = _states_load(gin_ptr, state_row, ch, ch_ok, N, NCH, BD, BN, VN)
         else:
-            r = tl.zeros((BN, BD), dtype=A2.dtype)
-        dsum = tl.zeros((BD,), dtype=A2.dtype)
-        dA_acc = tl.zeros((BN, BD), dtype=A2.dtype)
+            r = ()
+            for c in tl.static_range(BN // VN):
+                r = r + (tl.zeros((VN, BD), dtype=Dv.dtype),)
+        dA_acc = r  # replaced below when not END_ONLY
+        if not END_ONLY:
+            dA_acc = ()
+            for c in tl.static_range(BN // VN):
+                dA_acc = dA_acc + (tl.zeros((VN, BD), dtype=Dv.dtype),)
+        dsum = tl.zeros((BD,), dtype=Dv.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
         if not END_ONLY:
-            h_cur = tl.load(tl.max_contiguous(h_base + (t_end - 1).to(tl.int64) * N * NCH + h_off, [1, BD]),
-                            mask=m_nd, other=0.0)
+            h_cur = _states_load(h_base, (t_end - 1).to(tl.int64) * N, ch, ch_ok, N, NCH, BD, BN, VN)
         # As in the forward: positions an iteration ahead, every load of an iteration before its
-        # first store, so an iteration waits for one memory round trip.
+        # first store.
         pos_next = _step_positions(idx_rows, t_end - 1, t_begin, t_end, ch_ok, ROUTED, UNROLL, BD, True)
         if not END_ONLY:
             ppos_next = _step_positions(part_idx, t_end - 1, t_begin, t_end, part_ok, ROUTED, UNROLL, BD // W, True)
@@ -614,22 +661,18 @@ if triton is not None:
             for j in tl.static_range(UNROLL):
                 t = t_end - 1 - (k0 + j)
                 ok = ch_ok & (t >= t_begin)
-                m2 = n_ok[:, None] & ok[None, :]
                 pos = pos_now[j]
                 raw, dlt = _step_delta(pos, ok, dt_base, ch * sd_c, sd_l, bias, HAS_BIAS, SOFTPLUS)
                 dyv = tl.load(dy_base + (uch * sy_c + pos * sy_l), mask=ok, other=0.0)
-                Cv = tl.load(tl.max_contiguous(C_base + (C_off + (pos * sC_l)[None, :]), [1, BD]), mask=m2,
-                             other=0.0)
+                Cv = _group_states_load(C_base, C_row + pos * sC_l, ok, N, BD, BN, VN, VEC_BC)
                 if END_ONLY:
                     h_prev = Cv  # unused
                     uu = dyv
                     Bv = Cv
                 else:
-                    h_prev = tl.load(tl.max_contiguous(h_base + (t - 1).to(tl.int64) * N * NCH + h_off, [1, BD]),
-                                     mask=m2 & (t >= 1), other=0.0)
+                    h_prev = _states_load(h_base, (t - 1).to(tl.int64) * N, ch, ok, N, NCH, BD, BN, VN, t >= 1)
                     uu = tl.load(u_base + (uch * su_c + pos * su_l), mask=ok, other=0.0)
-                    Bv = tl.load(tl.max_contiguous(B_base + (B_off + (pos * sB_l)[None, :]), [1, BD]), mask=m2,
-                                 other=0.0)
+                    Bv = _group_states_load(B_base, B_row + pos * sB_l, ok, N, BD, BN, VN, VEC_BC)
                 loaded = loaded + ((pos, raw, dlt, dyv, Cv, h_prev, uu, Bv),)
             pos_next = _step_positions(idx_rows, t_end - 1 - (k0 + UNROLL), t_begin, t_end, ch_ok, ROUTED, UNROLL,
                                        BD, True)
@@ -640,39 +683,54 @@ if triton is not None:
                 pos, raw, dlt, dyv, Cv, h_prev, uu, Bv = loaded[j]
                 t = t_end - 1 - (k0 + j)
                 ok = ch_ok & (t >= t_begin)
-                g = r + Cv * dyv[None, :]
-                a = tl.exp2(dlt[None, :] * A2)
+                g = ()
+                a = ()
+                for c in tl.static_range(BN // VN):
+                    g = g + (r[c] + Cv[c] * dyv[None, :],)
+                    a = a + (tl.exp2(dlt[None, :] * A2[c]),)
                 if END_ONLY:
                     dsum += dlt
                 else:
-                    gB = tl.sum(g * Bv, axis=0)
+                    gB = tl.zeros((BD,), dtype=Dv.dtype)
+                    gaA = tl.zeros((BD,), dtype=Dv.dtype)
+                    dA_new = ()
+                    t_ok = t >= t_begin
+                    for c in tl.static_range(BN // VN):
+                        gB += tl.sum(g[c] * Bv[c], axis=0)
+                        gah = g[c] * a[c] * h_prev[c]
+                        gaA += tl.sum(gah * A2[c], axis=0)
+                        dA_new = dA_new + (dA_acc[c] + gah * dlt[None, :],)
+                        offs = c * VN + tl.arange(0, VN)
+                        poff = (ppos_now[j] * (P * N))[None, :] + part[None, :] * N + offs[:, None]
+                        m_part = (offs < N)[:, None] & part_ok[None, :] & t_ok
+                        tl.store(dB_base + poff, _partial_sum(g[c] * (dlt * uu)[None, :], VN, BD, W), mask=m_part)
+                        tl.store(dC_base + poff, _partial_sum(h_cur[c] * dyv[None, :], VN, BD, W), mask=m_part)
+                    dA_acc = dA_new
                     du = dlt * gB
                     if HAS_D:
                         du = du + Dv * dyv
-                    gah = g * a * h_prev
                     # Σ_n g a x_{t-1} A, with A = A2 · ln 2
-                    ddl = tl.sum(gah * A2, axis=0) * 0.6931471805599453 + gB * uu
+                    ddl = gaA * 0.6931471805599453 + gB * uu
                     if SOFTPLUS:  # softplus' derivative, with torch's threshold
                         ddl = tl.where(raw > 20.0, ddl, ddl / (1.0 + tl.exp(-raw)))
-                    dA_acc += gah * dlt[None, :]
-                    dBv = _partial_sum(g * (dlt * uu)[None, :], BN, BD, W)
-                    dCv = _partial_sum(h_cur * dyv[None, :], BN, BD, W)
                     if ACCUM:
                         tl.atomic_add(du_base + (uch * sdu_c + pos * sdu_l), du, mask=ok)
                     else:
                         tl.store(du_base + (uch * sdu_c + pos * sdu_l), du, mask=ok)
                     tl.store(ddt_base + (ch * sdd_c + pos * sdd_l), ddl, mask=ok)
-                    t_ok = t >= t_begin
-                    poff = (ppos_now[j] * (P * N))[None, :] + part_off
-                    tl.store(dB_base + poff, dBv, mask=m_part & t_ok)
-                    tl.store(dC_base + poff, dCv, mask=m_part & t_ok)
                     h_cur = h_prev
-                r = a * g
+                r_new = ()
+                for c in tl.static_range(BN // VN):
+                    r_new = r_new + (a[c] * g[c],)
+                r = r_new
         if END_ONLY:
-            tl.store(tl.max_contiguous(end_ptr + state_off, [1, BD]), r, mask=m_nd)
-            tl.store(tl.max_contiguous(prod_ptr + state_off, [1, BD]), tl.exp2(dsum[None, :] * A2), mask=m_nd)
+            _states_store(end_ptr, state_row, ch, ch_ok, N, NCH, r, BD, BN, VN)
+            prod = ()
+            for c in tl.static_range(BN // VN):
+                prod = prod + (tl.exp2(dsum[None, :] * A2[c]),)
+            _states_store(prod_ptr, state_row, ch, ch_ok, N, NCH, prod, BD, BN, VN)
         else:
-            tl.store(tl.max_contiguous(dA_ptr + state_off, [1, BD]), dA_acc, mask=m_nd)
+            _states_store(dA_ptr, state_row, ch, ch_ok, N, NCH, dA_acc, BD, BN, VN)
 
     @triton.jit(do_not_specialize=["NSEG", "M"])
     def _segment_carry_kernel(end_ptr, prod_ptr, out_ptr, NSEG, M, BS: tl.constexpr, BM: tl.constexpr,
@@ -870,6 +928,17 @@ def bc_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
 
 
+def _vector_states(B: torch.Tensor, C: torch.Tensor, N: int) -> bool:
+    """Whether the step kernels may read B and C four states at a time (16-byte loads): float32,
+    N a power of two ≥ 4 (no state mask), and every (batch, group, position) row 16-byte aligned."""
+    if N < 4 or N & (N - 1):
+        return False
+    for t in (B, C):
+        if t.dtype != torch.float32 or t.data_ptr() % 16 or any(st % 4 for st in (t.stride(0), t.stride(1), t.stride(3))):
+            return False
+    return True
+
+
 def _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx, seg_len, block_d, extra=()):
     """What the step kernels' launches share: B/C in (b, L, g, n) memory, the size checks, the
     run-time sizes and strides, the flags, the grid and the placeholder pointers."""
@@ -890,8 +959,9 @@ def _step_setup(u, delta, A, B, C, D, delta_bias, softplus, idx, seg_len, block_
     strides |= dict(zip(("sB_b", "sB_g", "sB_l"), B.stride()[:2] + B.stride()[3:]))
     strides |= dict(zip(("sC_b", "sC_g", "sC_l"), C.stride()[:2] + C.stride()[3:]))
     sizes = dict(L=L, U_CH=U_CH, NCH=NCH, DG=NCH // G, N=N, NSEG=nseg, SEG_LEN=seg_len)
+    BN = _next_pow2(N)
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-                 ROUTED=idx is not None, BD=BD, BN=_next_pow2(N))
+                 ROUTED=idx is not None, BD=BD, BN=BN, VN=min(4, BN), VEC_BC=_vector_states(B, C, N))
     warps = max(1, min(BD // 32, 8)) if BD >= 32 else 1
     launch = dict(num_warps=warps) | ({"maxnreg": STEP_MAXNREG} if STEP_MAXNREG and not INTERPRET else {})
     ptrs = (D if D is not None else A, delta_bias if delta_bias is not None else A, idx if idx is not None else u)
