@@ -132,3 +132,18 @@ def test_preset_meta_is_queryable(name):
     meta = hm.preset_meta(name)
     assert meta["family"].startswith("eamamba") and meta["input_range"] == [0, 1]
     assert meta["pad_multiple"] in (1, 8) and meta["scale"] in (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("batch,bias", [(1, False), (2, True)])
+def test_pointwise_product_equals_the_1x1_convolution(batch, bias):
+    """The mixers' inference path on a GPU (W·x on the (C, H·W) view) is the 1×1 convolution."""
+    from harness.models.layers import batched_mm, pointwise_product
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 10, kernel_size=1, bias=bias).double()
+    x = torch.randn(batch, 6, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(pointwise_product(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(batch, 4, 5, dtype=torch.float64)
+    assert torch.allclose(batched_mm(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(batched_mm(b.transpose(1, 2), a.t()), b.transpose(1, 2) @ a.t(), rtol=1e-12, atol=1e-12)

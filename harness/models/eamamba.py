@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.models.layers import ChannelLayerNorm, make_mixer
+from harness.models.layers import ChannelLayerNorm, batched_mm, make_mixer
 from harness.models.routes import resolve_directions, route_indices
 from harness.models.unet import RestormerUNet
 from harness.ops import norm_triton, selective_scan
@@ -113,18 +113,6 @@ def init_ssm_parameters(
     }
 
 
-def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a batch of matrices on either side and a plain matrix on at most one, through
-    ``mm`` / ``bmm``, which take transposed operands as they are (``matmul`` copies a transposed
-    batch of more than one, and a plain matrix on the left)."""
-    batch = a.shape[0] if a.dim() == 3 else b.shape[0]
-    if batch == 1:
-        return torch.mm(a[0] if a.dim() == 3 else a, b[0] if b.dim() == 3 else b).unsqueeze(0)
-    a = a if a.dim() == 3 else a.expand(batch, -1, -1)
-    b = b if b.dim() == 3 else b.expand(batch, -1, -1)
-    return torch.bmm(a, b)
-
-
 class MHSSM(nn.Module):
     """Multi-head selective scan module (the block's token mixer, keys ``mamba.*``)."""
 
@@ -193,7 +181,7 @@ class MHSSM(nn.Module):
         fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(x, self.scan_backend)
         # (inference: mm/bmm on transposed operands, no copies; training: F.linear, whose
         # backward measured faster on an H200: 8×128² 171 against 187 ms, 2×256² 174 against 260)
-        project = _batched_mm if not torch.is_grad_enabled() else None
+        project = batched_mm if not torch.is_grad_enabled() else None
         if fused and self.use_z:
             # two products instead of one and a chunk: xin and z come out contiguous, so xin is a
             # channels_last map without a copy and the gate reads z densely
@@ -208,6 +196,7 @@ class MHSSM(nn.Module):
         else:
             xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
             xin, z = xz.chunk(2, dim=-1) if self.use_z else (xz, None)
+        del x  # the block's normalised input: free before the scan's buffers are allocated
         xin = xin.permute(0, 3, 1, 2)  # (B, d_inner, H, W)
         xin = xin.contiguous(memory_format=torch.channels_last if fused else torch.contiguous_format)
         if self.conv_2d:
@@ -218,6 +207,7 @@ class MHSSM(nn.Module):
             xin, self.head_routes, self.merge, self.x_proj_weight, self.dt_projs_weight,
             self.dt_projs_bias, self.A_logs, self.Ds, self.scan_backend,
         )  # (B, d_inner, L)
+        del xin
         y = y.transpose(1, 2)  # (B, L, d_inner)
         z = None if z is None else z.reshape(b, L, self.d_inner)
         if fused and norm_triton.can_use(y) and y.stride(2) == 1:  # norm and gate in one kernel

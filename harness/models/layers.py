@@ -98,6 +98,38 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
+def batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a batch of matrices on either side and a plain matrix on at most one, through
+    ``mm`` / ``bmm``, which take transposed operands as they are (``matmul`` copies a transposed
+    batch of more than one, and a plain matrix on the left)."""
+    batch = a.shape[0] if a.dim() == 3 else b.shape[0]
+    if batch == 1:
+        return torch.mm(a[0] if a.dim() == 3 else a, b[0] if b.dim() == 3 else b).unsqueeze(0)
+    a = a if a.dim() == 3 else a.expand(batch, -1, -1)
+    b = b if b.dim() == 3 else b.expand(batch, -1, -1)
+    return torch.bmm(a, b)
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution. On a GPU without gradients, of an NCHW map, it is the product W·x on
+    the (C, H·W) view (cuBLAS): 10-35 % faster than cuDNN's 1×1 convolution in strict fp32 on an
+    H200 at EAMamba's mixer shapes (harness.bench.gpu_pointwise). Elsewhere it is the
+    convolution itself, so tracing, FLOP counts and gradients see an ordinary conv."""
+    if (torch.is_grad_enabled() or not x.is_cuda or not x.is_contiguous() or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):
+        return conv(x)
+    return pointwise_product(conv, x)
+
+
+def pointwise_product(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1×1 convolution and a contiguous NCHW map, as W·x on the (C, H·W) view."""
+    b, c, h, w = x.shape
+    y = batched_mm(conv.weight.view(conv.out_channels, c), x.view(b, c, h * w))  # (B, C_out, H·W)
+    if conv.bias is not None:
+        y += conv.bias[:, None]
+    return y.view(b, conv.out_channels, h, w)
+
+
 # --- channel mixers ------------------------------------------------------------------------
 
 class SimpleGateFFN(nn.Module):
@@ -112,8 +144,10 @@ class SimpleGateFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden // 2, dim, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.project_in(x).chunk(2, dim=1)
-        return self.project_out(x1 * x2)
+        x1, x2 = pointwise_conv(self.project_in, x).chunk(2, dim=1)
+        gated = x1 * x2
+        del x1, x2  # free the hidden map before the output projection allocates
+        return pointwise_conv(self.project_out, gated)
 
 
 class GDFN(nn.Module):
