@@ -551,6 +551,9 @@ def phase_inference(args, device, model, log, deadline, order, sizes, refs, mode
                         elif key in refs and refs[key][0] != path:
                             row["max_rel_diff"] = rel(y.cpu(), refs[key][1])
                             row["diff_vs"] = refs[key][0]
+                        elif key != size and size in refs:  # TF32 paths without a same-precision reference
+                            row["max_rel_diff"] = rel(y.cpu(), refs[size][1])
+                            row["diff_vs"] = refs[size][0] + " (strict fp32)"
                         row.update(ms=ms, reps=reps, peak_MB=mem, first_call_s=first_s)
                         last_ms[path] = (size, ms)
                         if PATHS[path].graph:

@@ -191,7 +191,7 @@ class MHSSM(nn.Module):
                 xin = project(x_rows, w_in[:self.d_inner].t()).view(b, h, w, self.d_inner)
                 z = project(x_rows, w_in[self.d_inner:].t())  # (B, L, d_inner)
             else:
-                x_hwc = x.permute(0, 2, 3, 1)
+                x_hwc = x.permute(0, 2, 3, 1).contiguous()  # one copy (F.linear would copy it for each)
                 xin, z = F.linear(x_hwc, w_in[:self.d_inner]), F.linear(x_hwc, w_in[self.d_inner:])
         else:
             xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)

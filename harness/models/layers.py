@@ -144,7 +144,15 @@ class SimpleGateFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden // 2, dim, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = pointwise_conv(self.project_in, x).chunk(2, dim=1)
+        if x.shape[0] > 1 and torch.is_grad_enabled() and x.is_cuda:
+            # the halves of one product are strided at batch > 1, and so are the multiply and
+            # its backward; two products give dense halves (same weights, same sums)
+            half = self.project_in.out_channels // 2
+            w, bias = self.project_in.weight, self.project_in.bias
+            x1 = F.conv2d(x, w[:half], None if bias is None else bias[:half])
+            x2 = F.conv2d(x, w[half:], None if bias is None else bias[half:])
+        else:
+            x1, x2 = pointwise_conv(self.project_in, x).chunk(2, dim=1)
         gated = x1 * x2
         del x1, x2  # free the hidden map before the output projection allocates
         return pointwise_conv(self.project_out, gated)

@@ -1479,9 +1479,12 @@ def fused_multi_route_scan(
     x_cl = x.permute(0, 2, 3, 1).reshape(b, L, D)  # (B, L, D)
     w_x, w_dt = _projection_weights(x_proj_weight, dt_projs_weight, merge, R, N)
     x_dbl = x_cl @ w_x  # (B, L, K·R + K·N + K·N): all heads' Δ inputs, then all B, then all C
-    dts = x_dbl[..., :K * R] @ w_dt  # (B, L, K·d); a strided operand, no copy
-    Bs = x_dbl[..., K * R:K * (R + N)].view(b, L, K, N).permute(0, 2, 3, 1)  # (B, K, N, L), unit stride along N
-    Cs = x_dbl[..., K * (R + N):].view(b, L, K, N).permute(0, 2, 3, 1)
+    # one split (its backward is one concatenation, where three slices would each fill a
+    # zero (B, L, ·) gradient and add them up)
+    dt_in, B_flat, C_flat = torch.split(x_dbl, [K * R, K * N, K * N], dim=-1)
+    dts = dt_in @ w_dt  # (B, L, K·d); a strided operand, no copy
+    Bs = B_flat.view(b, L, K, N).permute(0, 2, 3, 1)  # (B, K, N, L), unit stride along N
+    Cs = C_flat.view(b, L, K, N).permute(0, 2, 3, 1)
     y = _route_scan(
         x_cl.transpose(1, 2).to(work), dts.transpose(1, 2).to(work), (-torch.exp(A_logs.to(work))).contiguous(),
         Bs.to(work), Cs.to(work), Ds.to(work).contiguous(), dt_projs_bias.reshape(-1).to(work).contiguous(),
