@@ -478,7 +478,7 @@ def capture_inference(model, x, name, device):
             model(static_x)
     torch.cuda.current_stream(device).wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad(), autocast_ctx(name, device):
+    with torch.cuda.graph(graph, stream=s), torch.no_grad(), autocast_ctx(name, device):
         static_y = model(static_x)
     graph.replay()
     return graph, static_y
@@ -582,7 +582,7 @@ def capture_train_step(model, opt, x, t, device):
     torch.cuda.current_stream(device).wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=s):
         loss = F.l1_loss(model(x), t)
         loss.backward()
         opt.step()

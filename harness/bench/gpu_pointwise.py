@@ -1,8 +1,13 @@
-"""Strict-fp32 1×1 convolutions on an NVIDIA GPU: cuDNN (``F.conv2d``) against cuBLAS (``mm`` on
-the (C, H·W) view), at EAMamba's mixer shapes, batch 1. Prints a Markdown table; ``--out`` also
-writes it as CSV.
+"""Strict-fp32 convolutions on an NVIDIA GPU, batch 1. Prints Markdown tables; ``--out`` also
+writes them as CSV.
 
-    python -m harness.bench.gpu_pointwise --out DIR
+1. 1×1 convolutions at EAMamba's mixer shapes: cuDNN (``F.conv2d``) against cuBLAS (``mm`` on the
+   (C, H·W) view);
+2. with ``--model-convs SIZE``: every dense k×k convolution of EAMamba at a SIZE² input, run
+   alone at its input shape under cuDNN in strict fp32, cuDNN with TF32, and PyTorch's own
+   kernels (cuDNN disabled): time and the peak memory it allocates (cuDNN workspace included).
+
+    python -m harness.bench.gpu_pointwise --out DIR [--model-convs 512]
 """
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ import os
 
 import pandas as pd
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.bench.timing import environment
+from harness.models import registry
 from harness.profile.ladder import markdown_table
 
 # (in, out, side): EAMamba's SimpleGate mixer (dim 64, expansion 2) at its four levels, and the
@@ -36,9 +43,41 @@ def cuda_ms(fn, reps: int = 50) -> float:
     return float(torch.tensor(times).median())
 
 
+def model_convs(size: int, device: torch.device) -> pd.DataFrame:
+    """Each dense k×k convolution of EAMamba at a size² input, alone, under three settings."""
+    model = registry.create("eamamba").to(device).eval()
+    inputs: dict[str, tuple[nn.Conv2d, torch.Size]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: inputs.setdefault(name, (mod, inp[0].shape)))
+             for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size != (1, 1)]
+    with torch.no_grad():
+        model(torch.rand(1, 3, size, size, device=device))
+    for h in hooks:
+        h.remove()
+    settings = {"cudnn_fp32": dict(enabled=True, allow_tf32=False), "cudnn_tf32": dict(enabled=True, allow_tf32=True),
+                "native_fp32": dict(enabled=False, allow_tf32=False)}
+    rows = []
+    with torch.no_grad():
+        for name, (conv, shape) in inputs.items():
+            x = torch.randn(shape, device=device)
+            row = dict(conv=name, shape=f"{shape[1]}->{conv.out_channels} k{conv.kernel_size[0]} @ {shape[2]}x{shape[3]}")
+            for label, flags in settings.items():
+                with torch.backends.cudnn.flags(enabled=flags["enabled"], benchmark=False, deterministic=False,
+                                                allow_tf32=flags["allow_tf32"]):
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    row[f"{label}_ms"] = cuda_ms(lambda: conv(x), reps=10)
+                    row[f"{label}_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
+    parser.add_argument("--model-convs", type=int, nargs="*", default=[], metavar="SIZE")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_pointwise needs a CUDA device")
@@ -65,6 +104,12 @@ def main(argv=None) -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         table.to_csv(os.path.join(args.out, "pointwise.csv"), index=False)
+    for size in args.model_convs:
+        convs = model_convs(size, dev)
+        print(f"\nEAMamba's dense convolutions at {size}^2, each alone (ms, MB allocated on top of its input):")
+        print(markdown_table(convs, digits=3))
+        if args.out:
+            convs.to_csv(os.path.join(args.out, f"model_convs_{size}.csv"), index=False)
 
 
 if __name__ == "__main__":
