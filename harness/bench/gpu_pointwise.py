@@ -7,7 +7,7 @@ writes them as CSV.
    alone at its input shape under cuDNN in strict fp32, cuDNN with TF32, and PyTorch's own
    kernels (cuDNN disabled): time and the peak memory it allocates (cuDNN workspace included).
 
-    python -m harness.bench.gpu_pointwise --out DIR [--model-convs 512]
+    python -m harness.bench.gpu_pointwise --out DIR [--model-convs 512] [--model-convs-train 8x128]
 """
 from __future__ import annotations
 
@@ -43,23 +43,38 @@ def cuda_ms(fn, reps: int = 50) -> float:
     return float(torch.tensor(times).median())
 
 
-def model_convs(size: int, device: torch.device) -> pd.DataFrame:
-    """Each dense k×k convolution of EAMamba at a size² input, alone, under three settings."""
+def model_convs(size: int, device: torch.device, batch: int = 1, train: bool = False) -> pd.DataFrame:
+    """Each dense k×k convolution of EAMamba at a batch × size² input, alone, under three
+    settings: the forward (``train``: forward and backward, input and weight gradients)."""
     model = registry.create("eamamba").to(device).eval()
     inputs: dict[str, tuple[nn.Conv2d, torch.Size]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: inputs.setdefault(name, (mod, inp[0].shape)))
-             for name, m in model.named_modules()
+
+    def record(name):
+        def hook(mod, inp, out):  # returns None: the output is left as it is
+            inputs.setdefault(name, (mod, inp[0].shape))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
              if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size != (1, 1)]
     with torch.no_grad():
-        model(torch.rand(1, 3, size, size, device=device))
+        model(torch.rand(batch, 3, size, size, device=device))
     for h in hooks:
         h.remove()
     settings = {"cudnn_fp32": dict(enabled=True, allow_tf32=False), "cudnn_tf32": dict(enabled=True, allow_tf32=True),
                 "native_fp32": dict(enabled=False, allow_tf32=False)}
     rows = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(train):
         for name, (conv, shape) in inputs.items():
-            x = torch.randn(shape, device=device)
+            x = torch.randn(shape, device=device, requires_grad=train)
+            grad = torch.randn(shape[0], conv.out_channels, shape[2], shape[3], device=device) if train else None
+
+            def step(conv=conv, x=x, grad=grad):
+                if train:
+                    conv.zero_grad(set_to_none=True)
+                    torch.autograd.backward(conv(x), grad)
+                else:
+                    conv(x)
+
             row = dict(conv=name, shape=f"{shape[1]}->{conv.out_channels} k{conv.kernel_size[0]} @ {shape[2]}x{shape[3]}")
             for label, flags in settings.items():
                 with torch.backends.cudnn.flags(enabled=flags["enabled"], benchmark=False, deterministic=False,
@@ -68,7 +83,7 @@ def model_convs(size: int, device: torch.device) -> pd.DataFrame:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                    row[f"{label}_ms"] = cuda_ms(lambda: conv(x), reps=10)
+                    row[f"{label}_ms"] = cuda_ms(step, reps=10)
                     row[f"{label}_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             rows.append(row)
     return pd.DataFrame(rows)
@@ -78,6 +93,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
     parser.add_argument("--model-convs", type=int, nargs="*", default=[], metavar="SIZE")
+    parser.add_argument("--model-convs-train", nargs="*", default=[], metavar="BxSIZE",
+                        help="the same, forward and backward, at batch B")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_pointwise needs a CUDA device")
@@ -110,6 +127,13 @@ def main(argv=None) -> None:
         print(markdown_table(convs, digits=3))
         if args.out:
             convs.to_csv(os.path.join(args.out, f"model_convs_{size}.csv"), index=False)
+    for spec in args.model_convs_train:
+        batch, size = (int(v) for v in spec.lower().split("x"))
+        convs = model_convs(size, dev, batch, train=True)
+        print(f"\nEAMamba's dense convolutions at {batch}x{size}^2, forward + backward, each alone:")
+        print(markdown_table(convs, digits=3))
+        if args.out:
+            convs.to_csv(os.path.join(args.out, f"model_convs_train_{batch}x{size}.csv"), index=False)
 
 
 if __name__ == "__main__":
