@@ -135,15 +135,28 @@ def test_preset_meta_is_queryable(name):
 
 
 @pytest.mark.parametrize("batch,bias", [(1, False), (2, True)])
-def test_pointwise_product_equals_the_1x1_convolution(batch, bias):
-    """The mixers' inference path on a GPU (W·x on the (C, H·W) view) is the 1×1 convolution."""
-    from harness.models.layers import batched_mm, pointwise_product
+def test_pointwise_products_equal_the_mixer_convolutions(batch, bias, monkeypatch):
+    """The mixers' GPU path (W·x on the (C, H·W) view, one product per SimpleGate half) gives
+    the 1×1 convolutions' output and gradients."""
+    import harness.models.layers as layers
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 10, kernel_size=1, bias=bias).double()
     x = torch.randn(batch, 6, 5, 7, dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.allclose(pointwise_product(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(layers.pointwise_product(conv.weight.flatten(1), conv.bias, x), conv(x), rtol=1e-12, atol=1e-12)
     a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(batch, 4, 5, dtype=torch.float64)
-    assert torch.allclose(batched_mm(a, b), a @ b, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(batched_mm(b.transpose(1, 2), a.t()), b.transpose(1, 2) @ a.t(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(layers.batched_mm(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(layers.batched_mm(b.transpose(1, 2), a.t()), b.transpose(1, 2) @ a.t(), rtol=1e-12, atol=1e-12)
+
+    mixer = layers.SimpleGateFFN(6, 2.0, bias=bias).double()
+    x.requires_grad_(True)
+    grads = []
+    for products in (False, True):
+        monkeypatch.setattr(layers, "use_pointwise_products", lambda t, on=products: on)
+        mixer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = mixer(x)
+        out.square().sum().backward()
+        grads.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in mixer.parameters()])
+    for conv_value, product_value in zip(*grads):
+        assert torch.allclose(conv_value, product_value, rtol=1e-10, atol=1e-12)

@@ -125,24 +125,22 @@ def batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
-def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1×1 convolution. On a GPU without gradients, of an NCHW map, it is the product W·x on
-    the (C, H·W) view (cuBLAS): 10-35 % faster than cuDNN's 1×1 convolution in strict fp32 on an
-    H200 at EAMamba's mixer shapes (harness.bench.gpu_pointwise). Elsewhere it is the
-    convolution itself, so tracing, FLOP counts and gradients see an ordinary conv."""
-    if (torch.is_grad_enabled() or not x.is_cuda or not x.is_contiguous() or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
-        return conv(x)
-    return pointwise_product(conv, x)
+def use_pointwise_products(x: torch.Tensor) -> bool:
+    """Whether 1×1 convolutions of ``x`` run as matrix products (``pointwise_product``): on a GPU,
+    for a contiguous NCHW map, outside tracing and compilation (so FLOP counters and Inductor
+    see ordinary convolutions). cuBLAS beat cuDNN's strict-fp32 1×1 convolutions by 10-35 % at
+    EAMamba's mixer shapes on an H200 (``harness.bench.gpu_pointwise``)."""
+    return x.is_cuda and x.is_contiguous() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
-def pointwise_product(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a 1×1 convolution and a contiguous NCHW map, as W·x on the (C, H·W) view."""
+def pointwise_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution of a contiguous NCHW map with a (C_out, C_in) weight, as W·x on the
+    (C, H·W) view: (B, C_out, H, W), contiguous."""
     b, c, h, w = x.shape
-    y = batched_mm(conv.weight.view(conv.out_channels, c), x.view(b, c, h * w))  # (B, C_out, H·W)
-    if conv.bias is not None:
-        y += conv.bias[:, None]
-    return y.view(b, conv.out_channels, h, w)
+    y = batched_mm(weight, x.view(b, c, h * w))  # (B, C_out, H·W)
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(b, weight.shape[0], h, w)
 
 
 # --- channel mixers ------------------------------------------------------------------------
@@ -159,18 +157,18 @@ class SimpleGateFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden // 2, dim, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1 and torch.is_grad_enabled() and x.is_cuda:
-            # the halves of one product are strided at batch > 1, and so are the multiply and
-            # its backward; two products give dense halves (same weights, same sums)
-            half = self.project_in.out_channels // 2
-            w, bias = self.project_in.weight, self.project_in.bias
-            x1 = F.conv2d(x, w[:half], None if bias is None else bias[:half])
-            x2 = F.conv2d(x, w[half:], None if bias is None else bias[half:])
-        else:
-            x1, x2 = pointwise_conv(self.project_in, x).chunk(2, dim=1)
+        if not use_pointwise_products(x):
+            x1, x2 = self.project_in(x).chunk(2, dim=1)
+            return self.project_out(x1 * x2)
+        # one product per half: dense halves at any batch (the chunks of one product are
+        # strided at batch > 1, and so would be the multiply and its backward)
+        half = self.project_in.out_channels // 2
+        w_in, b_in = self.project_in.weight.flatten(1), self.project_in.bias
+        x1 = pointwise_product(w_in[:half], None if b_in is None else b_in[:half], x)
+        x2 = pointwise_product(w_in[half:], None if b_in is None else b_in[half:], x)
         gated = x1 * x2
-        del x1, x2  # free the hidden map before the output projection allocates
-        return pointwise_conv(self.project_out, gated)
+        del x1, x2  # free the hidden maps before the output projection allocates
+        return pointwise_product(self.project_out.weight.flatten(1), self.project_out.bias, gated)
 
 
 class GDFN(nn.Module):
