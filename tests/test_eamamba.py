@@ -151,7 +151,7 @@ def test_pointwise_products_equal_the_mixer_convolutions(batch, bias, monkeypatc
     mixer = layers.SimpleGateFFN(6, 2.0, bias=bias).double()
     x.requires_grad_(True)
     grads = []
-    for products in (False, True):
+    for products in (False, True):  # batch 2: the two-convolution branch; batch 1: the products
         monkeypatch.setattr(layers, "use_pointwise_products", lambda t, on=products: on)
         mixer.zero_grad(set_to_none=True)
         x.grad = None
