@@ -32,8 +32,11 @@ A second forward kernel (``FORWARD_KERNEL = "step"``) walks the steps one at a t
 thread per channel holding all of that channel's states in registers, so neither the recurrence
 nor the sum over states needs any communication between threads; its strides are run-time
 arguments, and the fused multi-route scan feeds it channels-last tensors (one contiguous run of
-channels per step and route group). Its segments are joined by the same two-pass scheme, with
-the chain of pass 2 done by associative scans over blocks of segments.
+channels per step and route group). The states are held as chunks of four, so a thread reads
+four states of B or C in one 16-byte load (when the rows are aligned). Each iteration issues
+its loads before its stores and reads the route positions one iteration ahead. Its segments are
+joined by the same two-pass scheme, with the chain of pass 2 done by associative scans over
+blocks of segments.
 
 The default backward (``BACKWARD_KERNEL = "step"``) is the step kernel's adjoint: the forward
 states are recomputed once and stored for every step, then the adjoint is walked backwards one
@@ -82,7 +85,7 @@ BWD_WARPS = 4
 # tile 0.95 ms; at 1024² 4.2 ms against 20 ms.
 FORWARD_KERNEL = "step"
 STEP_WARPS = 1  # the step kernel's warps per program: BD = 32 · STEP_WARPS channels
-STEP_UNROLL = 1  # H200 run 16: 1 was fastest of 1, 2, 4, 8 at 3 of 4 swept shapes once loads preceded stores
+STEP_UNROLL = 1  # H200 runs 16-17: fastest or tied of 1, 2, 4, 8 at 3 of 4 swept shapes once loads preceded stores
 STEP_WARPS_PER_SM = 32  # segments are cut until about this many warps per multiprocessor
 STEP_MAX_SEGMENTS = 4096
 STEP_MIN_SEGMENT = 32
@@ -90,7 +93,8 @@ STEP_MAXNREG = None  # register cap per thread for the step kernel (None: the co
 # Backward pass: "step" (the adjoint of the step kernel, one thread per channel, on stored
 # forward states) or "tile" (session 1's tile kernels).
 BACKWARD_KERNEL = "step"
-STEP_BWD_UNROLL = 1  # H200 run 8: fastest of 1, 2, 4 at all four swept shapes (b8 d64 128² 1.65 ms vs 1.78 at 2)
+STEP_BWD_UNROLL = 1  # H200 run 8: fastest of 1, 2, 4 at all four swept shapes; run 17 (16-byte loads): 2 was
+# 6-34 % faster at 3 shapes and 35 % slower at b8 d128 64², not yet timed in the model
 CARRY_BLOCK_S = 64  # segments per associative scan in the segment carry
 CARRY_BLOCK_M = 32
 CARRY_WARPS = 4
