@@ -377,6 +377,28 @@ def test_backend_reports_unavailable_without_gpu_or_interpreter():
     assert scan_triton.is_available() == torch.cuda.is_available()
 
 
+def test_sixteen_byte_state_loads_only_where_they_are_valid():
+    """The step kernels read B and C four states at a time only for float32, N a power of two
+    >= 4 and 16-byte aligned (batch, group, position) rows; the interpreter checks run both ways."""
+    pytest.importorskip("triton")
+    import torch
+
+    from harness.ops import scan_triton
+
+    def bc(n, dtype=torch.float32, offset=0, g=2, L=5):
+        flat = torch.zeros(offset + 2 * L * g * n, dtype=dtype)[offset:]
+        return flat.view(2, L, g, n).permute(0, 2, 3, 1)  # (b, g, n, L) over (b, L, g, n) memory
+
+    assert scan_triton._vector_states(bc(16), bc(16), 16)
+    assert scan_triton._vector_states(bc(4), bc(4), 4)
+    assert not scan_triton._vector_states(bc(3), bc(3), 3)  # a state mask
+    assert not scan_triton._vector_states(bc(12), bc(12), 12)  # not a power of two: a state mask
+    assert not scan_triton._vector_states(bc(16, torch.float64), bc(16, torch.float64), 16)
+    assert not scan_triton._vector_states(bc(16), bc(16, offset=1), 16)  # C's rows 4 bytes off
+    odd_rows = torch.zeros(2, 5, 2, 18)[..., :16].permute(0, 2, 3, 1)  # row stride 18 floats
+    assert not scan_triton._vector_states(odd_rows, odd_rows, 16)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     print(json.dumps(run_checks(sys.argv[1:])))
