@@ -436,6 +436,32 @@ if triton is not None:
                      mask=(offs < N)[:, None] & ch_ok[None, :])
 
     @triton.jit
+    def _states_zeros(dtype, BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr):
+        """Zero state chunks: a tuple of BN / VN (VN, BD) tiles."""
+        out = ()
+        for c in tl.static_range(BN // VN):
+            out = out + (tl.zeros((VN, BD), dtype=dtype),)
+        return out
+
+    @triton.jit
+    def _segment_end_store(end_ptr, prod_ptr, row, ch, ch_ok, N, NCH, x, dsum, A2, BD: tl.constexpr,
+                           BN: tl.constexpr, VN: tl.constexpr):
+        """Pass 1 of a segment chain: the segment's end value x and its decay product exp(Σ Δ · A)."""
+        _states_store(end_ptr, row, ch, ch_ok, N, NCH, x, BD, BN, VN)
+        prod = ()
+        for c in tl.static_range(BN // VN):
+            prod = prod + (tl.exp2(dsum[None, :] * A2[c]),)
+        _states_store(prod_ptr, row, ch, ch_ok, N, NCH, prod, BD, BN, VN)
+
+    @triton.jit
+    def _step_operands(u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, h_ptr, bi, grp, L, N, NCH, su_b, sd_b, sB_b, sB_g,
+                       sC_b, sC_g):
+        """Batch item bi's bases for u, Δ, B, C and the stored states (batch, step, state,
+        channel), each channel's B/C group row and its route-index row."""
+        return (u_ptr + bi * su_b, dt_ptr + bi * sd_b, B_ptr + bi * sB_b, C_ptr + bi * sC_b, grp * sB_g,
+                grp * sC_g, idx_ptr + grp * L, h_ptr + bi * L * N * NCH)
+
+    @triton.jit
     def _group_states_load(base, addr, ok, N, BD: tl.constexpr, BN: tl.constexpr, VN: tl.constexpr,
                            VEC: tl.constexpr):
         """B or C for each channel: its group's states at ``addr`` (group row + position · stride),
@@ -510,25 +536,17 @@ if triton is not None:
         """
         cb, seg, bi, ch, ch_ok, grp, uch, A2, Dv, bias = _step_program(
             A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN, VN)
-        u_base = u_ptr + bi * su_b
+        u_base, dt_base, B_base, C_base, B_row, C_row, idx_rows, h_base = _step_operands(
+            u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, h_ptr, bi, grp, L, N, NCH, su_b, sd_b, sB_b, sB_g, sC_b, sC_g)
         y_base = y_ptr + bi * sy_b
-        dt_base = dt_ptr + bi * sd_b
-        B_base = B_ptr + bi * sB_b
-        C_base = C_ptr + bi * sC_b
         u_off = uch * su_c  # (BD,) int32
         y_off = uch * sy_c
         dt_off = ch * sd_c
-        B_row = grp * sB_g
-        C_row = grp * sC_g
-        idx_rows = idx_ptr + grp * L
         state_row = (bi * NSEG + seg) * N
-        h_base = h_ptr + bi * L * N * NCH  # STORE_H: (batch, step, state, channel)
         if HAS_CARRY:
             h = _states_load(hin_ptr, state_row, ch, ch_ok, N, NCH, BD, BN, VN)
         else:
-            h = ()
-            for c in tl.static_range(BN // VN):
-                h = h + (tl.zeros((VN, BD), dtype=Dv.dtype),)
+            h = _states_zeros(Dv.dtype, BD, BN, VN)
         dsum = tl.zeros((BD,), dtype=Dv.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
@@ -576,11 +594,7 @@ if triton is not None:
                 if STORE_H and not END_ONLY:
                     _states_store(h_base, t.to(tl.int64) * N, ch, ok, N, NCH, h, BD, BN, VN)
         if END_ONLY:
-            _states_store(end_ptr, state_row, ch, ch_ok, N, NCH, h, BD, BN, VN)
-            prod = ()
-            for c in tl.static_range(BN // VN):
-                prod = prod + (tl.exp2(dsum[None, :] * A2[c]),)
-            _states_store(prod_ptr, state_row, ch, ch_ok, N, NCH, prod, BD, BN, VN)
+            _segment_end_store(end_ptr, prod_ptr, state_row, ch, ch_ok, N, NCH, h, dsum, A2, BD, BN, VN)
 
     @triton.jit
     def _partial_sum(x, BN: tl.constexpr, BD: tl.constexpr, W: tl.constexpr):
@@ -615,17 +629,11 @@ if triton is not None:
         """
         cb, seg, bi, ch, ch_ok, grp, uch, A2, Dv, bias = _step_program(
             A_ptr, D_ptr, bias_ptr, NCH, DG, U_CH, N, HAS_D, HAS_BIAS, BD, BN, VN)
-        u_base = u_ptr + bi * su_b
-        dt_base = dt_ptr + bi * sd_b
+        u_base, dt_base, B_base, C_base, B_row, C_row, idx_rows, h_base = _step_operands(
+            u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, h_ptr, bi, grp, L, N, NCH, su_b, sd_b, sB_b, sB_g, sC_b, sC_g)
         dy_base = dy_ptr + bi * sy_b
         du_base = du_ptr + bi * sdu_b
         ddt_base = ddt_ptr + bi * sdd_b
-        B_base = B_ptr + bi * sB_b
-        C_base = C_ptr + bi * sC_b
-        B_row = grp * sB_g
-        C_row = grp * sC_g
-        idx_rows = idx_ptr + grp * L
-        h_base = h_ptr + bi * L * N * NCH
         # partial sums: (batch, position, partial, state), partial q of this block = channels
         # [cb·BD + q·W, cb·BD + (q+1)·W), of group (cb·BD + q·W) // DG
         P = NCH // W
@@ -639,14 +647,8 @@ if triton is not None:
         if HAS_CARRY:
             r = _states_load(gin_ptr, state_row, ch, ch_ok, N, NCH, BD, BN, VN)
         else:
-            r = ()
-            for c in tl.static_range(BN // VN):
-                r = r + (tl.zeros((VN, BD), dtype=Dv.dtype),)
-        dA_acc = r  # replaced below when not END_ONLY
-        if not END_ONLY:
-            dA_acc = ()
-            for c in tl.static_range(BN // VN):
-                dA_acc = dA_acc + (tl.zeros((VN, BD), dtype=Dv.dtype),)
+            r = _states_zeros(Dv.dtype, BD, BN, VN)
+        dA_acc = _states_zeros(Dv.dtype, BD, BN, VN)  # (unused by pass 1, compiled away)
         dsum = tl.zeros((BD,), dtype=Dv.dtype)
         t_begin = seg * SEG_LEN
         t_end = tl.minimum(t_begin + SEG_LEN, L)
@@ -728,11 +730,7 @@ if triton is not None:
                     r_new = r_new + (a[c] * g[c],)
                 r = r_new
         if END_ONLY:
-            _states_store(end_ptr, state_row, ch, ch_ok, N, NCH, r, BD, BN, VN)
-            prod = ()
-            for c in tl.static_range(BN // VN):
-                prod = prod + (tl.exp2(dsum[None, :] * A2[c]),)
-            _states_store(prod_ptr, state_row, ch, ch_ok, N, NCH, prod, BD, BN, VN)
+            _segment_end_store(end_ptr, prod_ptr, state_row, ch, ch_ok, N, NCH, r, dsum, A2, BD, BN, VN)
         else:
             _states_store(dA_ptr, state_row, ch, ch_ok, N, NCH, dA_acc, BD, BN, VN)
 
