@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.bench.timing import environment
+from harness.bench.timing import environment, time_call
 from harness.models import registry
 from harness.profile.ladder import markdown_table
 
@@ -30,17 +30,8 @@ SHAPES = [(64, 128, 256), (64, 64, 256), (128, 256, 256), (128, 128, 256), (128,
 
 
 def cuda_ms(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(torch.tensor(times).median())
+    """Median CUDA-event milliseconds of ``fn()`` after 5 warm-up calls."""
+    return time_call(fn, "cuda", warmup=5, repeats=reps, timer="cuda_event")["median_ms"]
 
 
 def model_convs(size: int, device: torch.device, batch: int = 1, train: bool = False) -> pd.DataFrame:

@@ -162,23 +162,22 @@ class SimpleGateFFN(nn.Module):
             x1, x2 = self.project_in(x).chunk(2, dim=1)
             return self.project_out(x1 * x2)
         # one product (or convolution) per half: dense halves at any batch (the chunks of one
-        # product are strided at batch > 1, and so would be the multiply and its backward)
+        # product are strided at batch > 1, and so would be the multiply and its backward).
+        # With gradients at batch > 1 the weight gradient of a batched product is a bmm with a
+        # small output and a long reduction, which cuBLAS runs on a few blocks (H200: 2×256²
+        # training step 218 ms against 162 with cuDNN's convolutions).
+        products = not (torch.is_grad_enabled() and x.shape[0] > 1)
         half = self.project_in.out_channels // 2
         w_in, b_in = self.project_in.weight, self.project_in.bias
-        b_lo, b_hi = (None, None) if b_in is None else (b_in[:half], b_in[half:])
-        if torch.is_grad_enabled() and x.shape[0] > 1:
-            # with gradients at batch > 1 the weight gradient of a batched product is a bmm with
-            # a small output and a long reduction, which cuBLAS runs on a few blocks (H200:
-            # 2×256² training step 218 ms against 162 with cuDNN's convolutions)
-            x1, x2 = F.conv2d(x, w_in[:half], b_lo), F.conv2d(x, w_in[half:], b_hi)
-            gated = x1 * x2
-            del x1, x2
-            return self.project_out(gated)
-        x1 = pointwise_product(w_in[:half].flatten(1), b_lo, x)
-        x2 = pointwise_product(w_in[half:].flatten(1), b_hi, x)
-        gated = x1 * x2
-        del x1, x2  # free the hidden maps before the output projection allocates
-        return pointwise_product(self.project_out.weight.flatten(1), self.project_out.bias, gated)
+
+        def project_half(rows: slice) -> torch.Tensor:
+            w, b = w_in[rows], None if b_in is None else b_in[rows]
+            return pointwise_product(w.flatten(1), b, x) if products else F.conv2d(x, w, b)
+
+        gated = project_half(slice(None, half)) * project_half(slice(half, None))
+        if products:
+            return pointwise_product(self.project_out.weight.flatten(1), self.project_out.bias, gated)
+        return self.project_out(gated)
 
 
 class GDFN(nn.Module):
