@@ -100,12 +100,16 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
         from harness.profile_job import run_efficiency_job
 
         record = run_efficiency_job(plain, experiment=experiment)
+    elif job == "study":
+        from harness.study import run_study_job
+
+        record = run_study_job(plain, experiment=experiment, swept=swept)
     elif job == "ladder":
         from harness.profile_job import run_ladder_job
 
         record = run_ladder_job(plain, experiment=experiment)
     else:
-        raise ValueError(f"unknown job kind job={job!r}; valid: run, efficiency, ladder")
+        raise ValueError(f"unknown job kind job={job!r}; valid: run, efficiency, ladder, study")
     if record.get("status") == "ok" and not record.get("skipped"):
         log_history(record, plain.get("logger") or {})
     state = "skipped (complete record exists)" if record.get("skipped") else record.get("status")
