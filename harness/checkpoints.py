@@ -5,13 +5,16 @@ Containers understood (the first match wins, and the result says which key was u
 - BasicSR (Restormer, NAFNet, MambaIR, SwinIR): ``{"params_ema": ...}`` or ``{"params": ...}``,
   ``params_ema`` preferred when both exist (it is what their real-SR tests load);
 - harness / Lightning style: ``{"state_dict": ...}``, ``{"ema": ...}``, ``{"model": state_dict}``;
-- a plain state dict (KAIR's DnCNN).
+- a plain state dict (KAIR's DnCNN);
+- a MatConvNet ``simplenn`` network in a MATLAB v7.3 ``.mat`` file (the DnCNN/FFDNet authors'
+  releases), read by :mod:`harness.matconvnet` (key ``matconvnet/simplenn``).
 A ``module.`` prefix (DataParallel/DDP) is stripped. Files are read with
 ``torch.load(weights_only=True)``: a checkpoint that needs arbitrary pickled code is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -93,12 +96,18 @@ def _describe(diff: dict, limit: int = 5) -> str:
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dict:
     """Load the checkpoint at ``path`` into ``model``.
 
-    Returns ``{"key": container key used, "path", "missing", "unexpected", "shape_mismatch"}``.
+    Returns ``{"key": container key used, "path", "sha256", "registered": name in
+    :mod:`harness.weights` or None, "missing", "unexpected", "shape_mismatch"}``.
     With ``strict`` any difference is an error listing the first offending keys; without it,
     matching entries are loaded and the differences are only reported (shape mismatches are
     always skipped, never forced).
     """
-    state_dict, key = extract_state_dict(read_checkpoint(path))
+    if Path(path).suffix.lower() == ".mat":
+        from harness.matconvnet import read_simplenn, state_dict_for
+
+        state_dict, key = state_dict_for(read_simplenn(path), model, path), "matconvnet/simplenn"
+    else:
+        state_dict, key = extract_state_dict(read_checkpoint(path))
     state_dict = _strip_prefix(state_dict)
     expected = model.state_dict()
     diff = compare_state_dicts(expected, state_dict)
@@ -109,4 +118,16 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dic
     bad_shapes = {k for k, _, _ in diff["shape_mismatch"]}
     loadable = {k: v for k, v in state_dict.items() if k in expected and k not in bad_shapes}
     model.load_state_dict(loadable, strict=strict)
-    return {"key": key, "path": str(path), **diff}
+    return {"key": key, "path": str(path), **file_identity(path), **diff}
+
+
+def file_identity(path: str | Path) -> dict:
+    """``{"sha256": hex digest, "registered": weights-registry name or None}`` of a weights file."""
+    from harness.weights import WEIGHTS
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    sha = digest.hexdigest()
+    return {"sha256": sha, "registered": next((name for name, w in WEIGHTS.items() if w.sha256 == sha), None)}
