@@ -104,12 +104,16 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
         from harness.study import run_study_job
 
         record = run_study_job(plain, experiment=experiment, swept=swept)
+    elif job == "table":
+        from harness.tables import run_table_job
+
+        record = run_table_job(plain, experiment=experiment)
     elif job == "ladder":
         from harness.profile_job import run_ladder_job
 
         record = run_ladder_job(plain, experiment=experiment)
     else:
-        raise ValueError(f"unknown job kind job={job!r}; valid: run, efficiency, ladder, study")
+        raise ValueError(f"unknown job kind job={job!r}; valid: run, efficiency, ladder, study, table")
     if record.get("status") == "ok" and not record.get("skipped"):
         log_history(record, plain.get("logger") or {})
     state = "skipped (complete record exists)" if record.get("skipped") else record.get("status")

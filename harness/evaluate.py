@@ -7,6 +7,14 @@ silently; the runner marks such a run as failed.
 
 The degraded input itself is scored too, under the same protocol (for super-resolution, its
 bicubic upscaling): the floor every restoration model has to clear.
+
+How a model is fed follows its preset meta, as the authors' test scripts feed it:
+
+* ``sr_input: bicubic`` (a scale-1 model on an SR task, VDSR/DnCNN-3 style): the LR image is
+  upscaled with MATLAB bicubic (float, unclipped, :func:`harness.data.imresize`) to the ground
+  truth's size and the model restores that;
+* a one-channel model on three-channel images runs on the Y channel (MATLAB ``rgb2ycbcr``,
+  float): input and ground truth are converted, and the Y images are scored.
 """
 
 from __future__ import annotations
@@ -15,12 +23,38 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.data import restore, write_image
-from harness.metrics import MetricAccumulator
+from harness.data import imresize, restore, write_image
+from harness.metrics import MetricAccumulator, rgb_to_y
+from harness.models.registry import model_in_channels
+
+
+def bicubic_upscale(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """MATLAB ``imresize(lq, size, 'bicubic')`` of an ``(N, C, h, w)`` batch, float, unclipped."""
+    arr = lq.detach().cpu().double().permute(0, 2, 3, 1).numpy()
+    scale = size[0] / lq.shape[-2]
+    out = [imresize(a, scale, out_size=tuple(size)) for a in arr]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(lq.device, torch.float32)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, H, W)`` RGB in [0, 1] -> ``(N, 1, H, W)`` MATLAB ``rgb2ycbcr`` Y in [0, 1], float."""
+    return (rgb_to_y(x.double() * 255.0) / 255.0).to(x.dtype)
+
+
+def feed(model: nn.Module, lq: torch.Tensor, gt: torch.Tensor, scale: int
+         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(model input, ground truth to score against, the model's own scale) as the preset says."""
+    meta = getattr(model, "eabench_meta", None) or {}
+    if scale > 1 and meta.get("sr_input") == "bicubic":
+        lq, scale = bicubic_upscale(lq, tuple(gt.shape[-2:])), 1
+    if model_in_channels(model) == 1 and gt.shape[1] == 3:
+        lq, gt = luma(lq), luma(gt)
+    return lq, gt, scale
 
 
 @torch.no_grad()
@@ -55,16 +89,16 @@ def evaluate(
     t0 = time.perf_counter()
     for i in range(n):
         item = dataset[i]
-        lq = item["lq"].unsqueeze(0).to(device)  # (1, C, h, w)
-        gt = item["gt"].unsqueeze(0).to(device)
-        out = restore(model, lq, multiple=pad_multiple, scale=scale, tile=tile, overlap=tile_overlap,
+        lq, gt, model_scale = feed(model, item["lq"].unsqueeze(0), item["gt"].unsqueeze(0), scale)
+        lq, gt = lq.to(device), gt.to(device)  # (1, C, h, w), (1, C, H, W)
+        out = restore(model, lq, multiple=pad_multiple, scale=model_scale, tile=tile, overlap=tile_overlap,
                       ensemble=ensemble).float()
         if out.shape != gt.shape:
             raise ValueError(f"model output {tuple(out.shape)} does not match the ground truth {tuple(gt.shape)} "
                              f"for image {item['name']!r} (scale {scale})")
         if input_acc is not None:
-            base = lq.float() if scale == 1 else F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic",
-                                                                align_corners=False)
+            base = lq.float() if model_scale == 1 else F.interpolate(lq.float(), size=gt.shape[-2:],
+                                                                      mode="bicubic", align_corners=False)
             input_acc.update(base.clamp(0, 1), gt, [item["name"]])
         if not torch.isfinite(out).all():
             nonfinite.append(item["name"])

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from harness.metrics import METRICS
+from harness.metrics import METRICS, PROTOCOLS
 from harness.train import LOSSES, TrainSettings
 
 
@@ -44,8 +44,8 @@ def validate_config(cfg: Mapping[str, Any], model_meta: Mapping[str, Any] | None
              "must be > 0 or null")
 
     ev = cfg["eval"]
-    _require(ev.get("protocol") in ("basicsr", "eamamba"), "eval.protocol", ev.get("protocol"),
-             "valid: basicsr, eamamba")
+    _require(ev.get("protocol") in PROTOCOLS, "eval.protocol", ev.get("protocol"),
+             f"valid: {', '.join(PROTOCOLS)}")
     bad = [m for m in ev.get("metrics", []) if m not in METRICS]
     _require(not bad, "eval.metrics", ev.get("metrics"), f"unknown {bad}; valid: {list(METRICS)}")
     _require(ev.get("tile") is None or int(ev["tile"]) >= 8, "eval.tile", ev.get("tile"), "must be >= 8 or null")
@@ -61,11 +61,15 @@ def validate_config(cfg: Mapping[str, Any], model_meta: Mapping[str, Any] | None
     _require(scale in (1, 2, 3, 4), "task.scale", scale, "valid: 1, 2, 3, 4")
     if model_meta:
         model_scale = int(model_meta.get("scale", 1))
-        _require(model_scale == scale, "task.scale", scale,
+        # A model with meta.sr_input "bicubic" is fed the bicubic-upscaled input (VDSR/DnCNN-3 style).
+        upsampled = model_scale == 1 and model_meta.get("sr_input") == "bicubic"
+        _require(model_scale == scale or upsampled, "task.scale", scale,
                  f"the model ({model_meta.get('preset') or model_meta.get('family')}) upscales by {model_scale}")
         channels = 1 if task.get("grey") else 3
         in_ch = int(model_meta.get("in_channels", 3))
-        _require(in_ch == channels, "task.grey", task.get("grey"),
+        # A grey model on a task scored on Y runs on the Y channel.
+        luma = in_ch == 1 and bool(task.get("y_channel"))
+        _require(in_ch == channels or luma, "task.grey", task.get("grey"),
                  f"the model takes {in_ch} input channels but the task gives {channels}")
         multiple = int(model_meta.get("pad_multiple", 1))
         if settings.iters > 0:

@@ -188,8 +188,8 @@ def test_chain_and_registry_errors():
     lq, rec = deg(rand_img(16, 16), seed=2)
     assert [s["name"] for s in rec["sampled"]["steps"]] == ["gaussian_blur", "gaussian_noise"]
     json.dumps(rec)
-    with pytest.raises(KeyError, match="unknown degradation 'jpeg'.*gaussian_noise"):
-        make_degradation("jpeg")
+    with pytest.raises(KeyError, match="unknown degradation 'jpeg_xl'.*gaussian_noise"):
+        make_degradation("jpeg_xl")
     with pytest.raises(TypeError, match="bad parameters"):
         make_degradation("gaussian_noise", sgima=3)
 

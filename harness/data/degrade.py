@@ -19,6 +19,9 @@ Registered names (:data:`DEGRADATIONS`, build with :func:`make_degradation`):
                     (datasets modcrop first); quantised to 8 bits by default like saved LR PNGs
 ``gaussian_blur``   isotropic Gaussian kernel (sigma, size 2*ceil(3 sigma)+1), symmetric padding
 ``motion_blur``     linear motion kernel (length px, angle deg; angle drawn from the seed if None)
+``jpeg``            JPEG at IJG quality q through libjpeg (Pillow): MATLAB ``imwrite(img, f, 'jpg',
+                    'Quality', q)`` (standard IJG tables scaled by quality, clamped to baseline
+                    0..255, 4:2:0 chroma for colour; grey images are one component), then decoded
 ``haze``            atmospheric scattering I = J t + A (1 - t), t = exp(-beta * depth), with a
                     smooth synthetic depth map drawn from the seed; beta and A drawn if None
 ``chain``           several of the above in order (e.g. blur then noise)
@@ -31,6 +34,7 @@ image of a test set gets its own fixed noise regardless of loading order or work
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -291,6 +295,40 @@ class Chain(Degradation):
                    "seed": int(seed)}
 
 
+class JpegCompression(Degradation):
+    """JPEG round trip at IJG quality ``quality`` (1..100), what MATLAB's ``imwrite(..., 'jpg',
+    'Quality', q)`` + ``imread`` do: the image is rounded to 8 bits, encoded by libjpeg with the
+    standard IJG quantisation tables scaled by ``jpeg_set_quality`` (baseline: entries clamped to
+    1..255), integer DCT, and decoded with libjpeg's integer IDCT. Grey images are encoded as one
+    component; colour images with 4:2:0 chroma subsampling (libjpeg's default, MATLAB's too).
+    Deterministic: the seed is not used."""
+
+    name = "jpeg"
+
+    def __init__(self, quality: int = 10, subsampling: str = "4:2:0") -> None:
+        if int(quality) != quality or not 1 <= quality <= 100:
+            raise ValueError(f"jpeg: quality must be an integer in 1..100, got {quality}")
+        if subsampling not in ("4:2:0", "4:2:2", "4:4:4"):
+            raise ValueError(f"jpeg: subsampling must be '4:2:0', '4:2:2' or '4:4:4', got {subsampling!r}")
+        super().__init__(quality=int(quality), subsampling=subsampling)
+
+    def _apply(self, gt, rng):
+        from PIL import Image, features
+
+        u8 = np.round(np.clip(gt, 0.0, 1.0) * 255.0).astype(np.uint8)
+        grey = u8.shape[2] == 1
+        image = Image.fromarray(u8[:, :, 0] if grey else u8, "L" if grey else "RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=self.params["quality"], subsampling=self.params["subsampling"],
+                   optimize=False, progressive=False)
+        size = buffer.tell()
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            out = np.asarray(decoded.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+        out = out[:, :, None] if grey else out
+        return out, {"bytes": int(size), "libjpeg": str(features.version("jpg"))}
+
+
 DEGRADATIONS: dict[str, Callable[..., Degradation]] = {
     "identity": Identity,
     "gaussian_noise": GaussianNoise,
@@ -299,6 +337,7 @@ DEGRADATIONS: dict[str, Callable[..., Degradation]] = {
     "gaussian_blur": GaussianBlur,
     "motion_blur": MotionBlur,
     "haze": Haze,
+    "jpeg": JpegCompression,
     "chain": Chain,
 }
 

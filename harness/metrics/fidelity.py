@@ -19,6 +19,10 @@ Protocols (see ``shared/spec/protocols.md``; the record of each is :func:`protoc
     constants); SSIM additionally crops 5 px on every side of the valid SSIM map. Otherwise as
     above.
 
+``"float"`` (the DnCNN authors' MATLAB scripts for super-resolution: ``Cal_PSNRSSIM(label*255,
+    output*255, s, s)`` on single-precision Y)
+    no rounding and no clipping: values scored exactly as given (x255); SSIM as ``"basicsr"``.
+
 Grey inputs (C = 1) are scored as they are; ``y_channel`` only converts 3-channel inputs (as
 BasicSR's ``to_y_channel``), and the record says ``"grey"``.
 
@@ -32,9 +36,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-PROTOCOLS = ("basicsr", "eamamba")
+PROTOCOLS = ("basicsr", "eamamba", "float")
 
 # BT.601 limited range, MATLAB rgb2ycbcr (R, G, B in [0, 1] -> Y in [16, 235]).
 Y_WEIGHTS = (65.481, 128.553, 24.966)
@@ -68,6 +71,8 @@ def to_255(x: torch.Tensor, protocol: str) -> torch.Tensor:
     if protocol == "basicsr":
         # BasicSR tensor2img: float32 clamp, x255, round (half to even), then float64 for scoring.
         return (x.detach().float().clamp(0.0, 1.0) * 255.0).round().double()
+    if protocol == "float":
+        return x.detach().double() * 255.0
     return x.detach().double().clamp(0.0, 1.0) * 255.0
 
 
@@ -106,23 +111,33 @@ def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, devic
     return g / g.sum()
 
 
+def _band(n: int, g: torch.Tensor) -> torch.Tensor:
+    """``(n - k + 1, n)`` matrix whose rows are the 1-D window ``g`` (length k) at each valid offset."""
+    k = g.numel()
+    m = torch.zeros(n - k + 1, n, dtype=g.dtype, device=g.device)
+    for i in range(k):
+        m.diagonal(i).fill_(g[i].item())
+    return m
+
+
 def _filter_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filtering, 'valid' region only: ``(N, C, H, W)`` -> ``(N, C, H-10, W-10)``."""
-    n, c, h, w = x.shape
-    t = x.reshape(n * c, 1, h, w)
-    t = F.conv2d(t, g.view(1, 1, -1, 1))
-    t = F.conv2d(t, g.view(1, 1, 1, -1))
-    return t.reshape(n, c, t.shape[-2], t.shape[-1])
+    """Separable Gaussian filtering, 'valid' region only: ``(..., H, W)`` -> ``(..., H-10, W-10)``.
+
+    Two products with banded matrices (``G_h @ X @ G_w^T``): float64 matrix products run on BLAS,
+    several times faster on a CPU than float64 convolutions, with the same sums."""
+    h, w = x.shape[-2:]
+    return _band(h, g) @ x @ _band(w, g).T
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM map on the valid region of float64 images on 0..255, ``(N, C, H-10, W-10)``."""
     g = gaussian_window_1d(device=x.device)
     c1, c2 = (SSIM_K1 * PEAK) ** 2, (SSIM_K2 * PEAK) ** 2
-    mu_x, mu_y = _filter_valid(x, g), _filter_valid(y, g)
-    sxx = _filter_valid(x * x, g) - mu_x**2
-    syy = _filter_valid(y * y, g) - mu_y**2
-    sxy = _filter_valid(x * y, g) - mu_x * mu_y
+    # The five local statistics filtered in one batched product.
+    mu_x, mu_y, exx, eyy, exy = _filter_valid(torch.stack([x, y, x * x, y * y, x * y]), g)
+    sxx = exx - mu_x**2
+    syy = eyy - mu_y**2
+    sxy = exy - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
     return num / den
@@ -165,7 +180,8 @@ def protocol_record(metric: str, *, protocol: str = "basicsr", y_channel: bool =
         "space": space,
         "y_channel": bool(y_channel),
         "crop_border": int(crop_border),
-        "quantize": "uint8 (clamp, x255, round)" if protocol == "basicsr" else "none (clip to [0, 1])",
+        "quantize": {"basicsr": "uint8 (clamp, x255, round)", "eamamba": "none (clip to [0, 1])",
+                     "float": "none (no clipping)"}[protocol],
         "dtype": "float64",
         "peak": PEAK,
     }
