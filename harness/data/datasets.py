@@ -15,7 +15,9 @@ for every image when ``same_seed_for_all=True``, the EAMamba/Restormer test-scri
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -117,11 +119,40 @@ class RestorationDataset(Dataset):
             return {**item, "lq": item["lq"].clone(), "gt": item["gt"].clone()}
         return item
 
+    def source_files(self) -> list[tuple[str, Path]]:
+        """(label, path) of every file the dataset reads; the label does not depend on where the
+        data root is (e.g. ``"gt/01.png"``). Empty for sources that are not files on disk."""
+        return []
+
+    def digest(self) -> dict[str, Any] | None:
+        """``{"sha256", "files"}``: one sha256 over every source file's label and content hash,
+        so two evaluations read the same data exactly when their digests agree. None when the
+        dataset reads no files (embedded photos)."""
+        files = sorted(self.source_files())
+        if not files:
+            return None
+        if getattr(self, "_digest", None) is None:  # hashed once per dataset object
+            total = hashlib.sha256()
+            for label, path in files:
+                total.update(f"{file_sha256(path)}  {label}\n".encode())
+            self._digest = {"sha256": total.hexdigest(), "files": len(files)}
+        return self._digest
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description for result files."""
         return {"dataset": self.dataset_name, "size": len(self), "scale": self.scale, "seed": self.seed,
                 "same_seed_for_all": self.same_seed_for_all,
-                "degradation": self.degradation.spec() if self.degradation is not None else None}
+                "degradation": self.degradation.spec() if self.degradation is not None else None,
+                "files_digest": self.digest()}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def collate_items(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -30,6 +30,8 @@ import numpy as np
 from .datasets import RestorationDataset, Sample
 from .degrade import Degradation, make_degradation
 from .imageio import list_images, quantize_uint8, read_image, stems
+from .registry import DATASETS
+from .registry import get as registered
 
 
 class DatasetError(ValueError):
@@ -112,6 +114,9 @@ class PairedFolderDataset(RestorationDataset):
     def names(self) -> list[str]:
         return [p[0] for p in self.pairs]
 
+    def source_files(self) -> list[tuple[str, Path]]:
+        return [(f"{kind}/{path.name}", path) for _, lq, gt in self.pairs for kind, path in (("lq", lq), ("gt", gt))]
+
     def _load(self, index: int) -> Sample:
         stem, lq_path, gt_path = self.pairs[index]
         lq = read_image(lq_path, self.channels)
@@ -149,6 +154,9 @@ class SingleFolderDataset(RestorationDataset):
     @property
     def names(self) -> list[str]:
         return [p.stem for p in self.files]
+
+    def source_files(self) -> list[tuple[str, Path]]:
+        return [(p.name, p) for p in self.files]
 
     def _load(self, index: int) -> Sample:
         path = self.files[index]
@@ -231,6 +239,10 @@ class ListFileDataset(RestorationDataset):
     @property
     def names(self) -> list[str]:
         return self._names
+
+    def source_files(self) -> list[tuple[str, Path]]:
+        lq = [(f"lq/{n}{p.suffix}", p) for n, p in zip(self._names, self.lq_paths or [])]
+        return lq + [(f"gt/{n}{p.suffix}", p) for n, p in zip(self._names, self.gt_paths)]
 
     def _load(self, index: int) -> Sample:
         gt_path = self.gt_paths[index]
@@ -327,6 +339,9 @@ class SIDDValidationDataset(RestorationDataset):
     def names(self) -> list[str]:
         return [f"{i:02d}_{b:02d}" for i, b in self._index]
 
+    def source_files(self) -> list[tuple[str, Path]]:
+        return [("noisy/" + self.noisy_mat.name, self.noisy_mat), ("gt/" + self.gt_mat.name, self.gt_mat)]
+
     def _load(self, index: int) -> Sample:
         i, b = self._index[index]
         lq = self.noisy[i, b].astype(np.float32) / 255.0
@@ -336,31 +351,10 @@ class SIDDValidationDataset(RestorationDataset):
         return Sample(name=f"{i:02d}_{b:02d}", gt=gt, lq=lq, record=record)
 
 
-# Folder layouts tried by open_benchmark, relative to the root; "{s}" is the SR scale.
-# "gt": clean/HR folders; "lq": matching LR folders (SR only) with their filename template.
+# Folder layouts tried by open_benchmark, relative to the root (from the dataset registry);
+# "{s}" is the SR scale. "gt": clean/HR folders; "lq": matching LR folders with their name template.
 BENCHMARK_LAYOUTS: dict[str, dict[str, Any]] = {
-    # Gaussian colour denoising (Restormer/EAMamba test layouts)
-    "CBSD68": {"gt": ["CBSD68", "CBSD68/original_png", "cbsd68", "test/CBSD68"]},
-    "Kodak24": {"gt": ["Kodak24", "Kodak", "kodak24", "test/Kodak", "test/Kodak24"]},
-    "McMaster": {"gt": ["McMaster", "McM", "mcmaster", "test/McMaster"]},
-    "Urban100": {"gt": ["Urban100/HR", "Urban100/GTmod12", "Urban100", "test/Urban100"],
-                 "lq": [("Urban100/LR_bicubic/X{s}", "{}x{s}"), ("Urban100/LRbicx{s}", "{}")]},
-    # Grey denoising
-    "Set12": {"gt": ["Set12", "test/Set12"]},
-    "BSD68": {"gt": ["BSD68", "test/BSD68"]},
-    # Classic SR (BasicSR and DIV2K layouts)
-    "Set5": {"gt": ["Set5/HR", "Set5/GTmod12", "Set5"],
-             "lq": [("Set5/LR_bicubic/X{s}", "{}x{s}"), ("Set5/LRbicx{s}", "{}")]},
-    "Set14": {"gt": ["Set14/HR", "Set14/GTmod12", "Set14"],
-              "lq": [("Set14/LR_bicubic/X{s}", "{}x{s}"), ("Set14/LRbicx{s}", "{}")]},
-    "B100": {"gt": ["B100/HR", "BSDS100/HR", "B100/GTmod12", "B100", "BSDS100"],
-             "lq": [("B100/LR_bicubic/X{s}", "{}x{s}"), ("BSDS100/LR_bicubic/X{s}", "{}x{s}"),
-                    ("B100/LRbicx{s}", "{}")]},
-    "Manga109": {"gt": ["Manga109/HR", "Manga109/GTmod12", "Manga109"],
-                 "lq": [("Manga109/LR_bicubic/X{s}", "{}x{s}"), ("Manga109/LRbicx{s}", "{}")]},
-    "DIV2K_val": {"gt": ["DIV2K_valid_HR", "DIV2K/DIV2K_valid_HR"],
-                  "lq": [("DIV2K_valid_LR_bicubic/X{s}", "{}x{s}"),
-                         ("DIV2K/DIV2K_valid_LR_bicubic/X{s}", "{}x{s}")]},
+    spec.name: {"gt": list(spec.gt), "lq": list(spec.lq)} for spec in DATASETS.values() if spec.special is None
 }
 
 
@@ -374,36 +368,44 @@ def _first_dir(root: Path, candidates: Sequence[str], what: str) -> Path:
 
 def open_benchmark(root: str | os.PathLike, name: str, *, scale: int = 1,
                    degradation: Degradation | Mapping[str, Any] | str | None = None, seed: int = 0,
-                   grey: bool = False, channels: str | None = None, **kwargs: Any) -> RestorationDataset:
-    """Open benchmark ``name`` under ``root`` using :data:`BENCHMARK_LAYOUTS`.
+                   grey: bool | None = None, channels: str | None = None, **kwargs: Any) -> RestorationDataset:
+    """Open registered set ``name`` (:mod:`harness.data.registry`) under ``root``.
 
     * With ``degradation`` (e.g. Gaussian noise): the clean folder plus that degradation.
     * With ``scale > 1`` and no degradation: stored LR images if an LR folder exists, else LR
       images synthesised by MATLAB bicubic downscaling (recorded as ``bicubic_down``).
+    * ``grey=None`` follows the registry: grey sets load as grey, the others as stored.
     * ``name == "SIDD"``: :class:`SIDDValidationDataset` on ``root`` (or ``root/SIDD``).
+    A missing set names the folders tried and says how to get it.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
-    if name == "SIDD":
+    spec = registered(name)  # KeyError listing the registered names
+    if spec.special == "sidd":
         for folder in (root, root / "SIDD", root / "SIDD/val", root / "test/SIDD"):
             if (folder / SIDD_NOISY_FILE).is_file():
                 return SIDDValidationDataset(folder)
         raise FileNotFoundError(f"SIDD: {SIDD_NOISY_FILE} not found in {root} or its SIDD/, SIDD/val/, "
-                                "test/SIDD/ subfolders")
-    if name not in BENCHMARK_LAYOUTS:
-        raise KeyError(f"unknown benchmark {name!r}; known: SIDD, {', '.join(BENCHMARK_LAYOUTS)} "
-                       "(use PairedFolderDataset/SingleFolderDataset for other layouts)")
-    layout = BENCHMARK_LAYOUTS[name]
-    gt_dir = _first_dir(root, layout["gt"], f"{name} clean images")
+                                f"test/SIDD/ subfolders. {spec.placement(root)}")
+    if grey is None:
+        grey = spec.colour == "grey"
+    try:
+        gt_dir = _first_dir(root, spec.gt, f"{spec.name} clean images")
+    except FileNotFoundError as err:
+        hint = (f"`python -m harness.data fetch {spec.name} --root {root}` downloads it"
+                if spec.downloadable else spec.placement(root))
+        raise FileNotFoundError(f"{err}. {hint}") from None
     if degradation is None and scale > 1:
-        for lq_rel, template in layout.get("lq", []):
+        for lq_rel, template in spec.lq:
             lq_dir = root / lq_rel.format(s=scale)
             if lq_dir.is_dir():
                 return PairedFolderDataset(lq_dir, gt_dir, scale=scale, lq_template=template.format("{}", s=scale),
-                                           channels=channels, name=f"{name}_x{scale}", **kwargs)
+                                           channels="grey" if grey else channels, name=f"{spec.name}_x{scale}",
+                                           **kwargs)
         degradation = make_degradation("bicubic_down", scale=scale)
     if degradation is None:
-        raise ValueError(f"{name}: give a degradation (e.g. {{'name': 'gaussian_noise', 'sigma': 25}}) "
+        raise ValueError(f"{spec.name}: give a degradation (e.g. {{'name': 'gaussian_noise', 'sigma': 25}}) "
                          "or scale > 1")
-    return SingleFolderDataset(gt_dir, degradation, seed=seed, grey=grey, channels=channels, name=name, **kwargs)
+    return SingleFolderDataset(gt_dir, degradation, seed=seed, grey=grey, channels=channels, name=spec.name,
+                               **kwargs)
