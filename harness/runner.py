@@ -209,6 +209,8 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
             record["metrics"] = summarise(out["results"])
             record["input_metrics"] = {m: r.mean for m, r in out["input_results"].items()}
             record["dataset"] = getattr(test_set, "dataset_name", data["test"].get("kind"))
+            # one sha256 over the test set's files (None for embedded photos): same digest, same data
+            record["data_digest"] = test_set.digest() if hasattr(test_set, "digest") else None
             record["nonfinite"] = out["nonfinite"]
             if out["nonfinite"]:
                 raise FloatingPointError(f"non-finite model output on {len(out['nonfinite'])} of {out['images']} "
