@@ -7,11 +7,16 @@ its registry name, so a record says exactly which release produced a number.
 
 Downloads are pinned to a commit (``raw.githubusercontent.com/<repo>/<commit>/<path>``) or to
 a release asset; the sha256 below was computed from those files.
+``python -m harness.weights fetch NAME --dir DIR`` downloads one and checks it (``--mirror URL``
+reads ``URL/<file>`` instead, e.g. a lab copy); ``python -m harness.weights list`` shows them all.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 DNCNN_COMMIT = "e93b27812d3ff523a3a79d19e5e50d233d7a8d0a"  # cszn/DnCNN
 FFDNET_COMMIT = "e787f46df2f374ff3591186706229cb9a0591fea"  # cszn/FFDNet
@@ -94,3 +99,47 @@ def get(name: str) -> Weights:
 def for_preset(preset: str) -> list[Weights]:
     """Every registered file that loads into ``preset``."""
     return [w for w in WEIGHTS.values() if w.preset == preset]
+
+
+def fetch(name: str, folder: str | Path, *, mirror: str | None = None, timeout: float = 10.0) -> Path:
+    """Download registered weights ``name`` into ``folder`` (kept only if the sha256 matches)."""
+    from harness.checkpoints import file_identity
+    from harness.data.fetch import download_verified
+
+    entry = get(name)
+    path = Path(folder) / entry.file
+    if path.is_file() and file_identity(path)["sha256"] == entry.sha256:
+        return path
+    url = f"{mirror.rstrip('/')}/{entry.file}" if mirror else entry.url
+    download_verified(url, path, entry.sha256, timeout=timeout,
+                      placement=f"place {entry.url} (sha256 {entry.sha256}) at {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.weights", description="published pretrained weights")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list")
+    p = sub.add_parser("fetch")
+    p.add_argument("name", help=f"one of: {', '.join(WEIGHTS)}")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--mirror")
+    p.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for w in WEIGHTS.values():
+            print(f"{w.name:22s} preset={w.preset:14s} {w.url}")
+        return 0
+    from harness.data.fetch import FetchError
+
+    try:
+        path = fetch(args.name, args.dir, mirror=args.mirror, timeout=args.timeout)
+    except (FetchError, KeyError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {path} (sha256 verified); use checkpoint={path} model={get(args.name).preset}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -45,3 +45,28 @@ def eabench_data():
 def eabench_weights():
     """The real pretrained weights folder ($EABENCH_DATA/../weights)."""
     return _shared_dir("weights")
+
+
+@pytest.fixture
+def loopback_server():
+    """serve(folder) -> base URL of an HTTP server on 127.0.0.1 for that folder, stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def serve(folder) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

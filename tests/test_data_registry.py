@@ -1,16 +1,13 @@
 """Dataset registry, `python -m harness.data fetch` and file digests.
 
-Fetching is tested against a loopback HTTP server (``http.server`` in a thread) that serves
-``$EABENCH_DATA`` as a mirror: no other network is used.
+Fetching is tested against a loopback HTTP server (conftest's ``loopback_server``: ``http.server``
+in a thread) that serves ``$EABENCH_DATA`` as a mirror: no other network is used.
 """
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -110,30 +107,8 @@ def test_digest_follows_content_not_location(eabench_data, tmp_path):
     assert open_benchmark(b, "Classic5", degradation=NOISE).digest()["sha256"] != da["sha256"]
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def serve():
-    """serve(folder) -> base URL of a loopback HTTP server for that folder (stopped after the test)."""
-    servers = []
-
-    def start(folder: Path) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def test_fetch_downloads_and_verifies(serve, eabench_data, tmp_path):
-    url = serve(eabench_data)
+def test_fetch_downloads_and_verifies(loopback_server, eabench_data, tmp_path):
+    url = loopback_server(eabench_data)
     report = fetch("Set12", tmp_path, mirror=url, progress=False)
     assert sorted(report.downloaded) == sorted(e.local for e in get("Set12").manifest()) and not report.present
     for entry in get("Set12").manifest():
@@ -148,8 +123,8 @@ def test_fetch_downloads_and_verifies(serve, eabench_data, tmp_path):
     assert len(build_dataset({"kind": "benchmark", "root": str(tmp_path), "name": "Set12", "degradation": NOISE})) == 12
 
 
-def test_cli_fetch_and_verify(serve, eabench_data, tmp_path, capsys):
-    url = serve(eabench_data)
+def test_cli_fetch_and_verify(loopback_server, eabench_data, tmp_path, capsys):
+    url = loopback_server(eabench_data)
     assert cli(["fetch", "Classic5", "--root", str(tmp_path), "--mirror", url, "--no-progress"]) == 0
     assert "Classic5: 5 files verified" in capsys.readouterr().out
     assert cli(["verify", "Classic5", "--root", str(tmp_path)]) == 0
@@ -160,14 +135,14 @@ def test_cli_fetch_and_verify(serve, eabench_data, tmp_path, capsys):
     assert "DIV2K_valid_HR" in capsys.readouterr().err
 
 
-def test_corrupted_download_is_a_named_error(serve, eabench_data, tmp_path):
+def test_corrupted_download_is_a_named_error(loopback_server, eabench_data, tmp_path):
     mirror = tmp_path / "mirror"
     shutil.copytree(eabench_data / "classic5", mirror / "classic5")
     bad = mirror / "classic5" / "barbara.bmp"
     bad.write_bytes(bad.read_bytes()[:-10] + b"0123456789")
     root = tmp_path / "root"
     with pytest.raises(ChecksumError, match=r"barbara\.bmp has sha256 [0-9a-f]{64}, the manifest says 409a4b07"):
-        fetch("Classic5", root, mirror=serve(mirror), progress=False)
+        fetch("Classic5", root, mirror=loopback_server(mirror), progress=False)
     assert not (root / "classic5" / "barbara.bmp").exists()  # a bad file is never kept
     assert not list(root.rglob("*.part"))
     assert (root / "classic5" / "baboon.bmp").is_file()  # files verified before it stay

@@ -265,3 +265,20 @@ def test_noise_level_models_take_sigma_from_the_task(preset):
         assert torch.allclose(model(x, sigma=torch.full((1, 1, *size), 50.0)), at_50)
     with pytest.raises(ValueError, match="sigma must be"):
         model(x, sigma=torch.ones(3, 2))
+
+
+def test_fetch_weights_verifies_sha256(loopback_server, mat_dir, tmp_path):
+    """harness.weights.fetch through a loopback mirror of the weights folder; a corrupt copy is refused."""
+    from harness.data.fetch import ChecksumError, OfflineError
+    from harness.weights import fetch
+
+    path = fetch("ffdnet_gray", tmp_path / "ok", mirror=loopback_server(mat_dir))
+    assert path.read_bytes() == (mat_dir / "ffdnet_gray.mat").read_bytes()
+    bad = tmp_path / "bad_mirror"
+    bad.mkdir()
+    (bad / "ffdnet_gray.mat").write_bytes((mat_dir / "ffdnet_gray.mat").read_bytes()[:-1])
+    with pytest.raises(ChecksumError, match="ffdnet_gray.mat has sha256"):
+        fetch("ffdnet_gray", tmp_path / "bad", mirror=loopback_server(bad))
+    assert not (tmp_path / "bad" / "ffdnet_gray.mat").exists()
+    with pytest.raises(OfflineError, match="place https://raw.githubusercontent.com/cszn/FFDNet/"):
+        fetch("ffdnet_color", tmp_path / "off", mirror="http://127.0.0.1:9", timeout=2)

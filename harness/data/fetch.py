@@ -74,10 +74,32 @@ def _url(spec: DatasetSpec, entry: ManifestEntry, mirror: str | None) -> str:
     return f"{mirror.rstrip('/')}/{entry.local}" if mirror else f"{spec.base_url}/{entry.remote}"
 
 
-def _download(url: str, part: Path, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as response, part.open("wb") as out:  # noqa: S310 - https/mirror
-        while block := response.read(1 << 16):
-            out.write(block)
+def download_verified(url: str, path: Path, sha256: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+                      placement: str = "") -> None:
+    """Download ``url`` to ``path`` through ``path.part``; keep it only if its sha256 is ``sha256``.
+
+    Raises :class:`OfflineError` (with ``placement`` appended) when the host cannot be reached,
+    :class:`FetchError` for an HTTP error, :class:`ChecksumError` for different bytes.
+    """
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, part.open("wb") as out:  # noqa: S310
+            while block := response.read(1 << 16):
+                out.write(block)
+    except urllib.error.HTTPError as err:
+        part.unlink(missing_ok=True)
+        raise FetchError(f"{url} answered HTTP {err.code} ({err.reason})") from err
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
+        part.unlink(missing_ok=True)
+        raise OfflineError(f"cannot reach {url} ({getattr(err, 'reason', err)}); nothing more was downloaded.\n"
+                           f"{placement}") from err
+    got = file_sha256(part)
+    if got != sha256:
+        part.unlink()
+        raise ChecksumError(f"{url} -> {path} has sha256 {got}, the manifest says {sha256} "
+                            "(corrupted or changed at the source); the file was not kept")
+    part.replace(path)
 
 
 def fetch(name: str, root: str | os.PathLike, *, mirror: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
@@ -93,28 +115,9 @@ def fetch(name: str, root: str | os.PathLike, *, mirror: str | None = None, time
             report.present.append(entry.local)
         else:
             todo.append(entry)
-    source = mirror or spec.source
     bar = tqdm(todo, desc=f"{spec.name} ({len(report.present)} present)", unit="file", disable=not progress or not todo)
     for entry in bar:
-        url, path = _url(spec, entry, mirror), root / entry.local
-        part = path.with_name(path.name + ".part")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _download(url, part, timeout)
-        except urllib.error.HTTPError as err:
-            part.unlink(missing_ok=True)
-            raise FetchError(f"{spec.name}: {url} answered HTTP {err.code} ({err.reason}); "
-                             f"{len(todo) - len(report.downloaded)} file(s) still missing") from err
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
-            part.unlink(missing_ok=True)
-            reason = getattr(err, "reason", err)
-            raise OfflineError(f"cannot reach {source} ({reason}); nothing more was downloaded.\n"
-                               f"{spec.placement(root)}") from err
-        got = file_sha256(part)
-        if got != entry.sha256:
-            part.unlink()
-            raise ChecksumError(f"{spec.name}: {url} -> {path} has sha256 {got}, the manifest says {entry.sha256} "
-                                "(corrupted or changed at the source); the file was not kept")
-        part.replace(path)
+        download_verified(_url(spec, entry, mirror), root / entry.local, entry.sha256, timeout=timeout,
+                          placement=spec.placement(root))
         report.downloaded.append(entry.local)
     return report
