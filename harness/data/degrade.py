@@ -316,17 +316,24 @@ class JpegCompression(Degradation):
         from PIL import Image, features
 
         u8 = np.round(np.clip(gt, 0.0, 1.0) * 255.0).astype(np.uint8)
+        data = jpeg_bytes(u8, self.params["quality"], self.params["subsampling"])
         grey = u8.shape[2] == 1
-        image = Image.fromarray(u8[:, :, 0] if grey else u8, "L" if grey else "RGB")
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=self.params["quality"], subsampling=self.params["subsampling"],
-                   optimize=False, progressive=False)
-        size = buffer.tell()
-        buffer.seek(0)
-        with Image.open(buffer) as decoded:
+        with Image.open(io.BytesIO(data)) as decoded:
             out = np.asarray(decoded.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
         out = out[:, :, None] if grey else out
-        return out, {"bytes": int(size), "libjpeg": str(features.version("jpg"))}
+        return out, {"bytes": len(data), "libjpeg": str(features.version("jpg"))}
+
+
+def jpeg_bytes(u8: np.ndarray, quality: int, subsampling: str = "4:2:0") -> bytes:
+    """Baseline JPEG file of a uint8 ``(H, W, 1|3)`` image at IJG ``quality`` (libjpeg's
+    ``jpeg_set_quality`` with baseline clamping, integer DCT, no Huffman optimisation)."""
+    from PIL import Image
+
+    grey = u8.shape[2] == 1
+    image = Image.fromarray(u8[:, :, 0] if grey else u8, "L" if grey else "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(quality), subsampling=subsampling, optimize=False, progressive=False)
+    return buffer.getvalue()
 
 
 DEGRADATIONS: dict[str, Callable[..., Degradation]] = {

@@ -58,7 +58,7 @@ def read_image(path: str | os.PathLike, channels: str | None = None) -> np.ndarr
         path: image file.
         channels: ``None`` keeps the file's own channel count (1 or 3); ``"rgb"`` converts grey
             to RGB by replication; ``"grey"`` converts RGB to grey with MATLAB ``rgb2gray``
-            weights (no rounding).
+            weights (no rounding); ``"y"`` to the 8-bit luma of MATLAB ``rgb2ycbcr``.
     """
     from PIL import Image, UnidentifiedImageError  # Pillow ships with torchvision/matplotlib
 
@@ -114,13 +114,26 @@ def convert_channels(arr: np.ndarray, channels: str | None, source: str = "image
         if arr.shape[2] == 3:
             return rgb_to_grey(arr)
         return arr
-    raise ValueError(f"channels must be None, 'rgb' or 'grey', got {channels!r} (for {source})")
+    if c == "y":
+        if arr.shape[2] == 3:
+            return rgb_to_luma_uint8(arr)
+        return arr
+    raise ValueError(f"channels must be None, 'rgb', 'grey' or 'y', got {channels!r} (for {source})")
 
 
 def rgb_to_grey(arr: np.ndarray) -> np.ndarray:
     """MATLAB ``rgb2gray`` on a float ``(H, W, 3)`` array; returns ``(H, W, 1)`` float32."""
     w = np.asarray(GREY_WEIGHTS, dtype=np.float64)
     return (arr.astype(np.float64) @ w)[:, :, None].astype(np.float32)
+
+
+def rgb_to_luma_uint8(arr: np.ndarray) -> np.ndarray:
+    """MATLAB ``rgb2ycbcr`` on a uint8 image, Y channel: ``16 + 65.481 R + 128.553 G + 24.966 B``
+    (R, G, B in [0, 1]) rounded to 8 bits, as DnCNN-3's JPEG script makes grey images of colour
+    sets; returns ``(H, W, 1)`` float32 in [0, 1]."""
+    rgb = np.round(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0) / 255.0
+    y = 16.0 + rgb @ np.array([65.481, 128.553, 24.966])
+    return (np.round(y) / 255.0)[:, :, None].astype(np.float32)
 
 
 def quantize_uint8(arr: np.ndarray) -> np.ndarray:
