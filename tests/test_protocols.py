@@ -109,3 +109,25 @@ def test_float_protocol_neither_rounds_nor_clips():
     pred = torch.full((1, 1, 16, 16), -0.4 / 255)  # below 0: clipped or rounded it would be exact
     assert psnr(pred, gt, protocol="float").item() == pytest.approx(20 * math.log10(255 / 0.4), abs=1e-4)
     assert psnr(pred, gt, protocol="basicsr").item() == math.inf
+
+
+def test_jpeg_task_reads_colour_sets_as_luma(tmp_path):
+    # DnCNN-3's JPEG script deblocks the rgb2ycbcr luma of colour sets (LIVE1), not rgb2gray.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness.data import build_dataset
+    from harness.models.registry import CONF_DIR
+
+    (tmp_path / "LIVE1").mkdir()
+    red = torch.zeros(3, 16, 16)
+    red[0] = 1.0
+    write_image(tmp_path / "LIVE1" / "red.png", red)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=evaluate", "data=benchmark", f"data.root={tmp_path}",
+                                                       "data.name=LIVE1", "task=jpeg_q40", "model=dncnn_gray20"])
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    item = build_dataset({**cfg["data"]["test"], "degradation": cfg["task"]["degradation"]})[0]
+    assert item["gt"].shape == (1, 16, 16)
+    assert torch.equal(item["gt"] * 255, torch.full((1, 16, 16), 81.0))  # round(16 + 65.481)
+    assert item["degradation"]["name"] == "jpeg"

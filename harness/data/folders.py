@@ -148,7 +148,8 @@ class SingleFolderDataset(RestorationDataset):
         self.files = list_images(self.folder)  # names the folder if missing/empty
         stems(self.files)  # ambiguous stems are an error
         self.grey = grey
-        self.channels = "grey" if grey else channels
+        # channels="y" with grey: the grey image is the 8-bit luma (MATLAB rgb2ycbcr), not rgb2gray.
+        self.channels = "y" if grey and channels == "y" else "grey" if grey else channels
         self.dataset_name = name or self.folder.name
 
     @property
