@@ -162,7 +162,7 @@ def resolve_weights(cell: Cell, weights_root: str | Path | None) -> tuple[Path |
     path = Path(name).expanduser()
     if path.is_absolute():
         return (path, None) if path.is_file() else (None, f"weights file {path}")
-    fetch = f"; python -m harness.weights fetch {cell.weights} --root DIR" if entry is not None else ""
+    fetch = f"; python -m harness.weights fetch {cell.weights} --dir DIR" if entry is not None else ""
     if weights_root is None:
         return None, f"weights {name} (set weights.root=DIR, the folder holding it{fetch})"
     root = Path(weights_root).expanduser()
@@ -191,6 +191,9 @@ def missing_for(cell: Cell, cfg: Mapping[str, Any]) -> tuple[list[str], Any]:
         missing.append(weights_missing)
     dataset = None
     root = (cfg.get("data") or {}).get("root")
+    if not missing and root is None:
+        missing.append(f"dataset {cell.dataset} (set data.root=DIR, the folder holding the test sets; "
+                       f"python -m harness.data fetch {cell.dataset} --root DIR)")
     if not missing:
         try:
             from harness.data import build_dataset

@@ -39,7 +39,8 @@ def test_every_config_composes(group, option):
                       "sidd": ["data.root=/x"]}[option]
     if group == "task":  # a model that fits the task's channels and scale
         overrides.append({"denoise_gray25": "model=dncnn_gray17", "sr_x2": "model=eamamba_sr_x2",
-                          "sr_x3": "model=eamamba_sr_x3", "sr_x4": "model=eamamba_sr_x4"}.get(option, "model=eamamba_tiny"))
+                          "sr_x3": "model=eamamba_sr_x3", "sr_x4": "model=eamamba_sr_x4"}.get(
+            option, "model=dncnn_gray17" if option.startswith(("denoise_gray", "jpeg_q")) else "model=eamamba_tiny"))
         overrides.append("train.patch_size=48")
     if group == "hardware" and option == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA here")
