@@ -49,6 +49,10 @@ def test_manifests_match_the_shared_copies(eabench_data):
     for name, folder in SHARED.items():
         manifest = {e.local.replace(get(name).gt[0].split("/")[0], folder, 1): e.sha256 for e in get(name).manifest()}
         assert manifest == {p: s for p, s in sums.items() if p.startswith(folder + "/")}, name
+    mcmaster = {p: s for p, s in sums.items() if p.startswith("McMaster/")}
+    assert get("McMaster").alternates() == mcmaster  # the PNG re-save of the source's TIFs
+    assert verify("McMaster", eabench_data) == {"ok": sorted(mcmaster, key=lambda p: p.replace(".png", ".tif")),
+                                                "missing": [], "mismatch": []}
     counts = {name: len(get(name).manifest()) for name in ("Train400", "BSD68", "Set12", "CBSD68", "Kodak24",
                                                               "McMaster", "Set14", "LIVE1", "RNI15")}
     assert counts == {"Train400": 400, "BSD68": 68, "Set12": 12, "CBSD68": 68, "Kodak24": 24, "McMaster": 18,

@@ -53,13 +53,18 @@ class FetchReport:
 
 
 def verify(name: str, root: str | os.PathLike) -> dict[str, list[str]]:
-    """``{"ok", "missing", "mismatch"}``: local paths of the set's files under ``root``."""
+    """``{"ok", "missing", "mismatch"}``: local paths of the set's files under ``root`` (a
+    registered re-encoding, e.g. McMaster's PNGs, stands in for a missing source file)."""
     spec = _downloadable(name, root)
     out: dict[str, list[str]] = {"ok": [], "missing": [], "mismatch": []}
+    alternates = {str(Path(local).with_suffix("")): (local, sha) for local, sha in spec.alternates().items()}
     for entry in spec.manifest():
-        path = Path(root) / entry.local
-        key = "missing" if not path.is_file() else "ok" if file_sha256(path) == entry.sha256 else "mismatch"
-        out[key].append(entry.local)
+        local, sha = entry.local, entry.sha256
+        if not (Path(root) / local).is_file() and str(Path(local).with_suffix("")) in alternates:
+            local, sha = alternates[str(Path(local).with_suffix(""))]  # the same image, re-encoded
+        path = Path(root) / local
+        key = "missing" if not path.is_file() else "ok" if file_sha256(path) == sha else "mismatch"
+        out[key].append(local)
     return out
 
 

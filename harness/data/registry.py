@@ -74,6 +74,15 @@ class DatasetSpec:
         """Every file of the set (empty when there is no verified download)."""
         return list(_read_manifest(self.name)) if self.downloadable else []
 
+    def alternates(self) -> dict[str, str]:
+        """Accepted re-encodings with the same pixels (``manifests/<NAME>.alt.sha256``):
+        {local path: sha256}. ``verify`` accepts them in place of the source's files."""
+        path = MANIFEST_DIR / f"{self.name}.alt.sha256"
+        if not path.is_file():
+            return {}
+        rows = (line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+        return {local: sha for sha, local in rows}
+
     def placement(self, root: str | Path = "DIR", limit: int = 6) -> str:
         """Human instructions: which files go where under ``root``."""
         entries = self.manifest()
@@ -115,7 +124,8 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
           gt=("Kodak24", "Kodak", "kodak24", "test/Kodak", "test/Kodak24")),
     _spec("McMaster", _FFDNET, "testsets/McMaster", colour="rgb", split="test", use="colour Gaussian denoising",
           gt=("McMaster", "McM", "mcmaster", "test/McMaster"),
-          notes="the source holds TIFs; a lossless PNG re-save (same pixels) loads the same"),
+          notes="the source holds TIFs; the lossless PNG re-save in manifests/McMaster.alt.sha256 (same pixels) "
+                "verifies too"),
     _spec("Urban100", _SELFEXSR, "data/Urban100", colour="rgb", split="test",
           use="super-resolution; colour Gaussian denoising (Restormer/EAMamba)",
           gt=("Urban100/HR", "Urban100/GTmod12", "Urban100", "test/Urban100"),
