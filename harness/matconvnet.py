@@ -150,7 +150,7 @@ def state_dict_for(layers: list[Layer], model: nn.Module, path: str | Path = "<l
     has_concat = any(layer.type == "concat" for layer in layers)
     if has_concat != takes_map:
         raise MatConvNetError(
-            f"{path} {'takes' if has_concat else 'takes no'} noise-level map (concat layer) but {model_name} "
+            f"{path} {'takes a' if has_concat else 'takes no'} noise-level map (concat layer) but {model_name} "
             f"{'does' if takes_map else 'does not'}: use a {'FDnCNN/FFDNet' if has_concat else 'DnCNN'} preset")
     for layer in layers:
         if layer.type == "relu" and any(layer.attrs.get("leak", [0.0])):

@@ -220,7 +220,7 @@ def test_corrupt_and_truncated_files_are_named_errors(mat_dir, tmp_path):
 
 @pytest.mark.parametrize("name, preset, pattern", [
     ("dncnn_s_sigma25", "dncnn_gray20", "17 conv layers but DnCNN has 20"),
-    ("fdncnn_gray", "dncnn_gray20", "takes noise-level map"),
+    ("fdncnn_gray", "dncnn_gray20", "takes a noise-level map"),
     ("dncnn_b_gray_blind", "fdncnn_gray", "takes no noise-level map"),
     ("cdncnn_b_color_blind", "dncnn_gray20", "shape mismatches"),
     ("ffdnet_gray", "fdncnn_gray", "15 conv layers but FDnCNN has 20"),
