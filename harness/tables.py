@@ -37,6 +37,8 @@ Cell keys: ``row``, ``column``, ``model``, ``task``, ``dataset``, ``weights`` (n
 has none), ``protocol`` (a ``conf/eval`` file: basicsr, float, eamamba), ``psnr``/``ssim``
 (published), ``source``, ``note``, ``requires`` (Python packages), ``overrides`` (dotted config
 keys, e.g. ``{eval.limit: 2}``), ``per_image`` (also print its per-image table).
+``table.evaluate: false`` renders the report from stored records only (cells without one are
+listed as not run), e.g. while another process is still evaluating.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ def run_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
     cells = cells_from_config(table)
     tol = _tolerances(table)
     out_dir = Path(cfg.get("report_dir") or f"reports/{experiment}")
+    evaluate = bool(table.get("evaluate", True))
     rows, per_image = [], {}
     t0 = time.perf_counter()
     for cell in cells:
@@ -298,8 +301,14 @@ def run_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
             log.info("%s: not run (missing %s)", cell.id, "; ".join(missing))
             rows.append(cell_row(cell, None, missing, tol))
             continue
-        record = run_job(cell_config(cfg, cell), experiment=experiment, model_name=cell.model,
-                         swept={"cell": cell.id}, run_name=cell.id)
+        if evaluate:
+            record = run_job(cell_config(cfg, cell), experiment=experiment, model_name=cell.model,
+                             swept={"cell": cell.id}, run_name=cell.id)
+        else:
+            record = stored_record(cell_config(cfg, cell), experiment)
+            if record is None:
+                rows.append(cell_row(cell, None, ["a stored record (table.evaluate=false renders only)"], tol))
+                continue
         row = cell_row(cell, record, [], tol)
         rows.append(row)
         per_image[cell.id] = per_image_rows(record, dataset)
@@ -313,6 +322,16 @@ def run_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
             "metrics": {}, "cells": len(rows), "cells_run": n_run, "cells_flagged": n_flag,
             "cells_not_run": sum(r["status"] == "not run" for r in rows), "report_dir": str(out_dir),
             "time_s": time.perf_counter() - t0}
+
+
+def stored_record(cell_cfg: Mapping[str, Any], experiment: str) -> dict[str, Any] | None:
+    """The complete record ``run_job`` would return for this configuration without running, or None."""
+    from harness.runner import SEMANTIC_KEYS
+    from harness.store import Store, config_hash
+
+    run_hash = config_hash({"experiment": experiment, **{k: cell_cfg.get(k) for k in SEMANTIC_KEYS}})
+    record = Store(cell_cfg["store_dir"]).get(run_hash)
+    return record if record is not None and record.get("status") == "ok" else None
 
 
 def _fmt(value: Any, digits: int = 2, signed: bool = False) -> str:

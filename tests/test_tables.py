@@ -101,6 +101,16 @@ def test_table_runs_present_cell_and_lists_absent_cells(tmp_path, eabench_data, 
     assert "## Cells not run" in md and "no_such_weights.mat" in md
     assert "## Per image: Set12, denoise_gray25, DnCNN-S" in md
 
+    # Render-only: the stored record gives the same row; a configuration never run has no record.
+    cfg["table"]["evaluate"] = False
+    cfg["table"]["sections"][0]["cells"][1]["dataset"] = "Set12"  # present data, never evaluated
+    cfg["table"]["sections"][0]["cells"][1]["task"] = "denoise_gray50"
+    cfg["report_dir"] = str(tmp_path / "rendered")
+    run_table_job(cfg, experiment="tiny")
+    rendered = read_csv(tmp_path / "rendered" / "results.csv")
+    assert rendered[0]["psnr"] == ok["psnr"] and rendered[0]["status"] == "ok"
+    assert rendered[1]["status"] == "not run" and "stored record" in rendered[1]["missing"]
+
 
 def summary_cell_id(cfg):
     return cells_from_config(cfg["table"])[0].id
