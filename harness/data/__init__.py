@@ -15,6 +15,8 @@ Modules:
   :func:`restore`
 * :mod:`.imageio` -- :func:`read_image`, :func:`write_image`, tensor conversion
 * :mod:`.config` -- :func:`build_dataset` from a ``{"kind": ..., ...}`` config dict
+* :mod:`.registry` -- the standard sets (layout, colour mode, split, source, per-file sha256)
+* :mod:`.fetch` -- download + verify a registered set (``python -m harness.data fetch NAME --root DIR``)
 """
 
 from .config import DATASET_KINDS, build_dataset
