@@ -282,3 +282,14 @@ def test_fetch_weights_verifies_sha256(loopback_server, mat_dir, tmp_path):
     assert not (tmp_path / "bad" / "ffdnet_gray.mat").exists()
     with pytest.raises(OfflineError, match="place https://raw.githubusercontent.com/cszn/FFDNet/"):
         fetch("ffdnet_color", tmp_path / "off", mirror="http://127.0.0.1:9", timeout=2)
+
+
+@pytest.mark.parametrize("preset", ["fdncnn_gray", "fdncnn_color", "ffdnet_gray", "ffdnet_color"])
+def test_noise_level_models_train_at_odd_sizes(preset):
+    """Small widths of the same classes: output size equals input size (odd sizes too), gradients flow."""
+    model = hm.create(preset, nc=8, nb=3, noise_level=20)
+    x = torch.rand(2, model.in_nc, 9, 7, requires_grad=True)
+    out = model(x)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert x.grad is not None and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
