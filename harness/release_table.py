@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -173,9 +174,73 @@ def run_release_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[st
         rows.append(row)
         per_image[cell.id] = per_image_rows(record, None)
         log.info("%s: %s psnr %s (published %s)", cell.id, row["status"], row["psnr"], cell.published_psnr)
-    write_table_report(cells, rows, per_image, out_dir, table, command=cfg.get("command"))
+    command = cfg.get("command") or (f"python run.py {' '.join(sys.argv[1:])}".strip()
+                                     if Path(sys.argv[0]).name == "run.py" else None)
+    write_table_report(cells, rows, per_image, out_dir, table, command=command)
+    write_release_report(cells, rows, out_dir, table, command)
     status = "ok" if all(r["status"] in ("ok", "not run") for r in rows) else "failed"
     return {"status": status, "run_name": f"table {experiment}", "experiment": experiment, "metrics": {},
             "cells": len(rows), "cells_run": sum(r["status"] == "ok" for r in rows),
             "cells_not_run": sum(r["status"] == "not run" for r in rows), "report_dir": str(out_dir),
             "time_s": time.perf_counter() - t0}
+
+
+ROUTE_TEXT = {
+    "testpy": "`test.py`: EMA weights (`model/sd_e`), the LQ reflect-padded to a multiple of 8, one forward (RealSR: "
+              "four overlapping quadrants, `eval_crop_size: 2048`), output cropped and clipped, float PSNR and "
+              "per-channel SSIM (valid region, then 5 px more cropped), RGB or Y (RealSR), no border crop.",
+    "matlab_single": "`gen_sidd_mat.py` + `evaluate_SIDD.m`: the non-EMA weights (`model/sd`), each 256² block in "
+                     "one forward, float32 output clipped; MATLAB `psnr` (one MSE over all channels) and `ssim` "
+                     "(volumetric: 11×11×11 Gaussian over rows, columns and channels, replicate padding).",
+    "matlab_uint8": "`gen_deblur_png.py` + `evaluate_gopro_hide.m`: EMA weights, reflect padding to a multiple of 8, "
+                    "output written as 8-bit PNG (`img_as_ubyte`), MATLAB `psnr`/`ssim` of the uint8 images.",
+}
+
+
+def write_release_report(cells, rows, out_dir: Path, table: Mapping[str, Any], command: str | None) -> None:
+    """report.md (what ran, by which route, what is missing) and a figure of ours against published."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    n_not = sum(r["status"] == "not run" for r in rows)
+    labels = [f"{c.dataset} {c.column if c.column.startswith('σ') else ''}".strip() for c in cells]
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    x = list(range(len(cells)))
+    ax.scatter(x, [r["published_psnr"] for r in rows], facecolors="none", edgecolors="k", label="published (README)")
+    ours = [(i, r["psnr"]) for i, r in enumerate(rows) if r["psnr"] is not None]
+    if ours:
+        ax.scatter(*zip(*ours), color="tab:red", marker="x", label="ours (this harness)")
+    ax.set_xticks(x, labels, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"EAMamba release: {n_ok} of {len(cells)} cells evaluated, {n_not} not run (files missing)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "psnr_ours_vs_published.png", dpi=120)
+    plt.close(fig)
+    lines = [f"# Report: {table.get('title', 'EAMamba release results')}", ""]
+    if command:
+        lines += [f"Produced by `{command}`.", ""]
+    lines += [f"{len(cells)} cells: {n_ok} evaluated, {n_not} not run, "
+              f"{len(cells) - n_ok - n_not} failed. The grid with ours / published (Δ) is `table.md`; one row per "
+              "cell in `results.csv`; per-image values in `per_image/<cell>.csv`.", "",
+              "## Routes (the release's own evaluation scripts)", ""]
+    for route in ROUTES:
+        used = sorted({c.dataset for c in cells if c.protocol == route})
+        if used:
+            lines.append(f"- **{route}** ({', '.join(used)}): {ROUTE_TEXT[route]}")
+    lines += ["", "Test noise for the Gaussian sets: `torch.manual_seed(2454)` before each image, N(0, 1) of the "
+              "padded image's shape times σ/255, not clipped. Images are read as `cv2.imread` reads them (DPDD's "
+              "16-bit PNGs keep their high byte). Layouts under `data.root`: `harness/data/release_sets.py`.", ""]
+    missing = [(c, r) for c, r in zip(cells, rows) if r["status"] != "ok"]
+    if missing:
+        lines += ["## Not evaluated", "", "| cell | status | missing / error |", "|---|---|---|"]
+        lines += [f"| {c.dataset} {c.task} | {r['status']} | {r['missing'] or r['error']} |" for c, r in missing]
+        lines.append("")
+    lines += ["![PSNR per cell: published and ours](figures/psnr_ours_vs_published.png)", "",
+              "*PSNR per cell: the release README's value (circle) and ours where evaluated (cross).*", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))

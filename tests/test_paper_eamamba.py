@@ -360,6 +360,7 @@ def test_every_cell_runs_loads_strictly_and_scores_by_its_route(release_files, t
         assert "of the release's" in r["note"]  # the tiny sets are not the paper's
     table = (tmp_path / "report" / "table.md").read_text()
     assert "34.18" in table and "not run" not in table
+    assert "23 cells: 23 evaluated" in (tmp_path / "report" / "report.md").read_text()
     with use_backend("torch"):  # complete records are found again, not re-evaluated
         again = run_release_table_job(cfg, experiment="paper_eamamba_test")
     assert again["cells_run"] == 23
@@ -376,3 +377,6 @@ def test_without_files_every_cell_is_listed_as_not_run(tmp_path):
     assert all("checkpoints.root" in r["missing"] for r in rows)
     gopro = next(r for r in rows if r["dataset"] == "GoPro")
     assert str(tmp_path / "GoproTest/input") in gopro["missing"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "23 cells: 0 evaluated, 23 not run" in report and report.count("| not run |") == 23
+    assert (tmp_path / "report" / "figures" / "psnr_ours_vs_published.png").stat().st_size > 0
