@@ -25,11 +25,12 @@ Every route averages per-image values (batch 1, no self-ensemble).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from harness.checkpoints import CheckpointError, compare_state_dicts, read_checkpoint
 from harness.metrics import protocol_record, psnr, ssim

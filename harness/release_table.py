@@ -26,16 +26,28 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from harness.data.release_sets import RELEASE_SETS, ReleaseTestSet, missing_files
-from harness.release_eval import ROUTES, evaluate_release, load_release_weights, route_protocol
+from harness.release_eval import (
+    ROUTES,
+    evaluate_release,
+    load_release_weights,
+    route_protocol,
+)
 from harness.store import Store, config_hash
-from harness.tables import Cell, cell_row, cells_from_config, per_image_rows, resolve_weights, write_table_report
+from harness.tables import (
+    Cell,
+    cell_row,
+    cells_from_config,
+    per_image_rows,
+    resolve_weights,
+    write_table_report,
+)
 
 log = logging.getLogger("eabench.release_table")
 
@@ -225,17 +237,18 @@ def write_release_report(cells, rows, out_dir: Path, table: Mapping[str, Any], c
     lines = [f"# Report: {table.get('title', 'EAMamba release results')}", ""]
     if command:
         lines += [f"Produced by `{command}`.", ""]
-    lines += [f"{len(cells)} cells: {n_ok} evaluated, {n_not} not run, "
-              f"{len(cells) - n_ok - n_not} failed. The grid with ours / published (Δ) is `table.md`; one row per "
-              "cell in `results.csv`; per-image values in `per_image/<cell>.csv`.", "",
-              "## Routes (the release's own evaluation scripts)", ""]
+    summary = (f"{len(cells)} cells: {n_ok} evaluated, {n_not} not run, {len(cells) - n_ok - n_not} failed. The grid "
+               "with ours / published (Δ) is `table.md`; one row per cell in `results.csv`; per-image values in "
+               "`per_image/<cell>.csv`.")
+    lines += [summary, "", "## Routes (the release's own evaluation scripts)", ""]
     for route in ROUTES:
         used = sorted({c.dataset for c in cells if c.protocol == route})
         if used:
             lines.append(f"- **{route}** ({', '.join(used)}): {ROUTE_TEXT[route]}")
-    lines += ["", "Test noise for the Gaussian sets: `torch.manual_seed(2454)` before each image, N(0, 1) of the "
-              "padded image's shape times σ/255, not clipped. Images are read as `cv2.imread` reads them (DPDD's "
-              "16-bit PNGs keep their high byte). Layouts under `data.root`: `harness/data/release_sets.py`.", ""]
+    noise = ("Test noise for the Gaussian sets: `torch.manual_seed(2454)` before each image, N(0, 1) of the padded "
+             "image's shape times σ/255, not clipped. Images are read as `cv2.imread` reads them (DPDD's 16-bit PNGs "
+             "keep their high byte). Layouts under `data.root`: `harness/data/release_sets.py`.")
+    lines += ["", noise, ""]
     missing = [(c, r) for c, r in zip(cells, rows) if r["status"] != "ok"]
     if missing:
         lines += ["## Not evaluated", "", "| cell | status | missing / error |", "|---|---|---|"]

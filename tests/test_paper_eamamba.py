@@ -380,3 +380,17 @@ def test_without_files_every_cell_is_listed_as_not_run(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "23 cells: 0 evaluated, 23 not run" in report and report.count("| not run |") == 23
     assert (tmp_path / "report" / "figures" / "psnr_ours_vs_published.png").stat().st_size > 0
+
+
+def test_release_noise_on_real_mcmaster(eabench_data):
+    """McMaster as the release lists it (18 images in McMaster/): each LQ is the clean image, padded to a
+    multiple of 8, plus exactly the release's seeded noise of the padded shape."""
+    data = ReleaseTestSet(eabench_data, "McMaster", sigma=50)
+    assert len(data) == RELEASE_SETS["McMaster"].expected == 18
+    for i in (0, 17):
+        item = data[i]
+        h, w = item["gt"].shape[-2:]
+        assert item["lq"].shape[-2:] == (h + (-h) % 8, w + (-w) % 8)
+        noise = release_noise(tuple(item["lq"].shape), 50)
+        assert torch.allclose(item["lq"][:, :h, :w] - item["gt"], noise[:, :h, :w], atol=1e-6)
+        assert float(noise.std()) == pytest.approx(50 / 255, rel=0.02)

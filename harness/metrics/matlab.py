@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fidelity import PEAK, SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW, gaussian_window_1d
+from .fidelity import (
+    PEAK,
+    SSIM_K1,
+    SSIM_K2,
+    SSIM_SIGMA,
+    SSIM_WINDOW,
+    gaussian_window_1d,
+)
 
 
 def _check(pred: torch.Tensor, gt: torch.Tensor) -> None:
