@@ -35,7 +35,6 @@ evaluation protocol, not part of this network.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -335,12 +334,6 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-@functools.lru_cache(maxsize=16)
-def _window_mask(h: int, w: int, ws: int) -> torch.Tensor:
-    """The shifted-window mask for an h×w map (CPU; cached: the same sizes recur)."""
-    return shifted_window_mask(h, w, ws, ws // 2)
-
-
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Mirror-pad (B, C, H, W) at the bottom/right to multiples of ``multiple`` (edge repeated, as released)."""
     h, w = x.shape[-2:]
@@ -406,6 +399,7 @@ class MambaIRv2(nn.Module):
         # A plain attribute, not a buffer: the release keeps it out of the state dict.
         self.mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
         self.register_buffer("relative_position_index_SA", relative_position_index(window_size))
+        self._mask_key, self._mask = None, None  # shift_mask's cache (not state: sizes vary)
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim, patch_norm)
@@ -422,10 +416,23 @@ class MambaIRv2(nn.Module):
             self.add_module(name, module)
         self.apply(init_transformer_weights)
 
+    def shift_mask(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The shifted-window attention mask for an H×W map, kept on ``device`` for the last size.
+
+        The release rebuilds it on the CPU and copies it at every forward (1 GiB at 1024²); the
+        values are the same, so one copy per size is kept instead.
+        """
+        key = (*size, str(device), dtype)
+        if self._mask_key != key:
+            mask = shifted_window_mask(*size, self.window_size, self.window_size // 2)
+            self._mask = mask.to(device=device, dtype=dtype)
+            self._mask_key = key
+        return self._mask
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), H and W multiples of the window -> deep features (B, C, H, W)."""
         size = (x.shape[2], x.shape[3])
-        mask = _window_mask(*size, self.window_size).to(x.device)  # (nW, ws², ws²)
+        mask = self.shift_mask(size, x.device, x.dtype)  # (nW, ws², ws²)
         x = self.patch_embed(x)  # (B, H·W, C)
         for layer in self.layers:
             x = layer(x, size, self.relative_position_index_SA, mask)
