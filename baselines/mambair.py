@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.models.eamamba import init_ssm_parameters, multi_route_scan
+from harness.models.eamamba import init_ssm_parameters
 from harness.models.layers import init_transformer_weights
 from harness.models.unet import RestormerUNet
+from harness.ops.route_scan import multi_route_scan
 
 # VMamba's CrossScan order (x_proj_weight[k] belongs to route k): not EAMamba's `cross` order.
 SS2D_ROUTES = ("h", "v", "h_rev", "v_rev")

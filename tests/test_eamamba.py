@@ -92,7 +92,8 @@ def test_sr_shapes():
 def test_concat_heads_read_their_own_routes():
     # With two routes and concat, channel group 0 must be unaffected by what route 1 sees:
     # swapping route 1 for another leaves group 0's scan output unchanged.
-    from harness.models.eamamba import MHSSM, multi_route_scan
+    from harness.models.eamamba import MHSSM
+    from harness.ops import multi_route_scan
     m = MHSSM(16, directions=["h", "v"], d_state=4)
     x = torch.randn(1, 16, 5, 6)
     args = (m.x_proj_weight, m.dt_projs_weight, m.dt_projs_bias, m.A_logs, m.Ds, "torch")
@@ -135,7 +136,7 @@ def test_preset_meta_is_queryable(name):
 
 
 @pytest.mark.parametrize("batch,bias", [(1, False), (2, True)])
-def test_pointwise_products_equal_the_mixer_convolutions(batch, bias, monkeypatch):
+def test_pointwise_products_equal_the_mixer_convolutions(batch, bias):
     """The mixers' GPU path (W·x on the (C, H·W) view, one product per SimpleGate half) gives
     the 1×1 convolutions' output and gradients."""
     import harness.models.layers as layers
@@ -151,12 +152,106 @@ def test_pointwise_products_equal_the_mixer_convolutions(batch, bias, monkeypatc
     mixer = layers.SimpleGateFFN(6, 2.0, bias=bias).double()
     x.requires_grad_(True)
     grads = []
-    for products in (False, True):  # batch 2: the two-convolution branch; batch 1: the products
-        monkeypatch.setattr(layers, "use_pointwise_products", lambda t, on=products: on)
+    for forward in (mixer.forward, mixer.forward_fast):  # batch 2 with gradients: two convolutions; 1: products
         mixer.zero_grad(set_to_none=True)
         x.grad = None
-        out = mixer(x)
+        out = forward(x)
         out.square().sum().backward()
         grads.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in mixer.parameters()])
     for conv_value, product_value in zip(*grads):
         assert torch.allclose(conv_value, product_value, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_paths_are_chosen_at_construction():
+    """``fast_paths(False)`` builds every specialised module on its reference path; a CPU input
+    takes the reference path either way; the Upsample fast path gives the reference's values."""
+    import harness.models.layers as layers
+
+    with layers.fast_paths(False):
+        model = hm.create("eamamba_tiny")
+    flags = [m.fast_path for m in model.modules() if hasattr(m, "fast_path")]
+    assert flags and not any(flags)
+    assert all(m.fast_path for m in hm.create("eamamba_tiny").modules() if hasattr(m, "fast_path"))
+    up = layers.Upsample(4).double()
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    assert torch.equal(up.forward_fast(x), up(x))
+
+
+def _train_step(model, x):
+    model.train()
+    loss = model(x).abs().mean()
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_training_after_inference_mode_at_the_same_size(backend):
+    """Route indices first built under torch.inference_mode() are shared by every model: a new
+    model trained at that size, and the same model back in training, must both work."""
+    from harness.ops.routes import _INDEX_CACHE
+
+    _INDEX_CACHE.clear()
+    x = torch.rand(1, 3, 8, 16)
+    with use_backend(backend):
+        first = hm.create("eamamba_tiny", dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1).eval()
+        with torch.inference_mode():
+            first(x)
+        fresh = hm.create("eamamba_tiny", dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)
+        _train_step(fresh, x)
+        _train_step(first, x)
+    assert fresh.encoder_level1[0].mamba.A_logs.grad is not None
+    assert first.encoder_level1[0].mamba.A_logs.grad is not None
+
+
+def _per_route_oracle(x, head_routes, merge, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+    """multi_route_scan written route by route with the sequential reference scan, in x's dtype."""
+    from harness.ops.routes import route_order
+    from harness.ops.scan_reference import selective_scan_reference
+
+    b, D, h, w = x.shape
+    K, _, d = x_proj_weight.shape
+    R, N = dt_projs_weight.shape[-1], A_logs.shape[-1]
+    out = torch.zeros(b, D, h * w, dtype=x.dtype)
+    for k, route in enumerate(head_routes):
+        perm = torch.from_numpy(route_order(route, h, w).copy())
+        chans = slice(k * d, (k + 1) * d) if merge == "concat" else slice(None)
+        u = x.reshape(b, D, h * w)[:, chans][..., perm]  # (b, d, L) in route order
+        proj = torch.einsum("bdl,cd->bcl", u, x_proj_weight[k])
+        dt = torch.einsum("brl,dr->bdl", proj[:, :R], dt_projs_weight[k])
+        y = selective_scan_reference(u, dt, -torch.exp(A_logs[k * d:(k + 1) * d]), proj[:, None, R:R + N],
+                                     proj[:, None, R + N:], Ds[k * d:(k + 1) * d], dt_projs_bias[k], True)
+        out[:, chans, perm] += y
+    return out
+
+
+@pytest.mark.parametrize("directions, merge, heads", [("all_around", "concat", 8), ("cross", "add", 4)])
+def test_float64_scan_matches_a_float64_oracle(directions, merge, heads):
+    """Float64 all the way through: A_logs, Ds and dt_projs_bias keep the model's dtype (a
+    float32 cast anywhere shows as ~1e-8 here), on every CPU backend."""
+    from harness.models.eamamba import MHSSM
+    from harness.ops import multi_route_scan
+
+    m = MHSSM(16, d_state=4, directions=directions, merge=merge, heads=heads).double()
+    with torch.no_grad():
+        m.A_logs.add_(0.1 * torch.randn_like(m.A_logs))  # decay rates that float32 cannot hold exactly
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    params = (m.x_proj_weight, m.dt_projs_weight, m.dt_projs_bias, m.A_logs, m.Ds)
+    with torch.no_grad():
+        ref = _per_route_oracle(x, m.head_routes, merge, *params)
+        for backend in [b for b in scan_backends() if b != "mamba_ssm"]:
+            ours = multi_route_scan(x, m.head_routes, merge, *params, backend=backend)
+            assert ours.dtype == torch.float64
+            assert ((ours - ref).norm() / ref.norm()).item() <= 1e-12, backend
+
+
+def test_float64_model_is_float64_through_the_scan():
+    """The whole model in float64 on the chunked torch backend matches the sequential reference."""
+    model = hm.create("eamamba_tiny", dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1).double().eval()
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        with use_backend("reference"):
+            ref = model(x)
+        with use_backend("torch"):
+            ours = model(x)
+    assert ours.dtype == torch.float64
+    assert ((ours - ref).norm() / ref.norm()).item() <= 1e-12

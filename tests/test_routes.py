@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.models.routes import ROUTE_SETS, morton_codes, resolve_directions, route_indices, route_order
+from harness.ops.routes import ROUTE_SETS, morton_codes, resolve_directions, route_indices, route_order
 
 # 3×4 examples of the released heads 0 and 2, as (row, col).
 HEAD0 = [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (2, 0), (0, 3), (1, 2), (2, 1), (1, 3), (2, 2), (2, 3)]
@@ -80,7 +80,7 @@ def test_hilbert_matches_independent_implementation():
 def test_release_four_route_sets_coincide_for_diag_only():
     assert all(
         np.array_equal(route_order(a, 7, 9), route_order(b, 7, 9))
-        for a, b in zip(ROUTE_SETS["diag4"], ROUTE_SETS["diag4_release"])
+        for a, b in zip(ROUTE_SETS["diag4"], ROUTE_SETS["diag4_flips"])
     )
     assert not np.array_equal(route_order("hilbert_rev", 8, 8), route_order("hilbert_rot180", 8, 8))
 
@@ -92,3 +92,48 @@ def test_unknown_route_lists_valid_names():
         resolve_directions("spiral")
     assert resolve_directions("cross") == ("h", "h_rev", "v", "v_rev")
     assert resolve_directions(["hilbert", "zorder_rev"]) == ("hilbert", "zorder_rev")
+
+
+def test_zorder_set_names_say_what_they_run():
+    # the release's own z-order ablation: its colliding codes, reversed by flipping the image
+    assert resolve_directions("zorder_release4_flips") == (
+        "zorder_release", "zorder_release_rot180", "zorder_release_mirror", "zorder_release_vflip")
+    assert resolve_directions("zorder4_flips")[0] == "zorder"  # the true Morton curve, the release's flips
+    # the old names: unambiguous ones still resolve, the misleading one names both sets
+    assert resolve_directions("zigzag4_release") == ROUTE_SETS["zigzag4_flips"]
+    assert resolve_directions("zorder_release4_release") == ROUTE_SETS["zorder_release4_flips"]
+    assert resolve_directions("all_around_hilbert_release") == ROUTE_SETS["all_around_hilbert_flips"]
+    with pytest.raises(ValueError, match="'zorder4_release' was renamed.*'zorder4_flips'.*'zorder_release4_flips'"):
+        resolve_directions("zorder4_release")
+
+
+def test_route_modes_of_the_multi_route_scan():
+    from harness.ops import multi_route_scan, route_mode, use_route_mode
+    from harness.ops.route_scan import can_fuse
+
+    with pytest.raises(ValueError, match="unknown route mode 'gathered'"):
+        with use_route_mode("gathered"):
+            pass
+    K, d, N, R = 2, 3, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, K * d, 3, 5, generator=gen)
+    params = (torch.randn(K, R + 2 * N, d, generator=gen), torch.randn(K, d, R, generator=gen),
+              torch.randn(K, d, generator=gen), torch.randn(K * d, N, generator=gen), torch.randn(K * d, generator=gen))
+    auto = multi_route_scan(x, ("h", "v_rev"), "concat", *params, backend="torch")
+    with use_route_mode("materialised"):
+        assert route_mode() == "materialised"
+        assert torch.equal(multi_route_scan(x, ("h", "v_rev"), "concat", *params, backend="torch"), auto)
+    assert route_mode() == "auto"
+    if not can_fuse(x, "triton"):  # no GPU and no Triton interpreter: the fused mode says so
+        with use_route_mode("fused"), pytest.raises(RuntimeError, match="route mode 'fused' needs the triton"):
+            multi_route_scan(x, ("h", "v_rev"), "concat", *params)
+
+
+def test_route_indices_built_under_inference_mode_are_ordinary_tensors():
+    from harness.ops.routes import _INDEX_CACHE, route_index
+
+    _INDEX_CACHE.clear()
+    with torch.inference_mode():
+        index = route_index(("h", "diag"), 3, 4)
+    assert not any(t.is_inference() for t in index)
+    assert index.steps.dtype == torch.int32 and torch.equal(index.steps.long(), index.perm)

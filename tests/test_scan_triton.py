@@ -62,7 +62,7 @@ def _check_scan(shape, overrides, dtype_name="float32", softplus=True):
     """Max relative error of y and of every gradient, kernel (dtype) vs float64 reference."""
     import torch
 
-    from harness.ops import scan_triton
+    from harness.ops import scan_triton_launch as launch
     from harness.ops.scan_reference import selective_scan_reference
 
     dtype = getattr(torch, dtype_name)
@@ -77,11 +77,11 @@ def _check_scan(shape, overrides, dtype_name="float32", softplus=True):
     overrides = dict(overrides)
     step = {k[len("step_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("step_")}
     if step:
-        y2 = scan_triton._forward_step(*args, softplus, **step)
-        g2 = scan_triton._backward_step(*args, softplus, dy.to(dtype), **step)
+        y2 = launch.forward_step(*args, softplus, **step)
+        g2 = launch.backward_step(*args, softplus, dy.to(dtype), **step)
     else:  # overrides select the tile kernels
-        y2 = scan_triton._forward(*args, softplus, **overrides)
-        g2 = scan_triton._backward(*args, softplus, dy.to(dtype), **overrides)
+        y2 = launch.forward(*args, softplus, **overrides)
+        g2 = launch.backward(*args, softplus, dy.to(dtype), **overrides)
     errs = {"y": _rel(y2, y.detach())}
     for name, ours, ref in zip(leaves, g2, grads):
         errs["d" + name] = _rel(ours, ref)
@@ -110,15 +110,14 @@ def _check_dispatcher():
     return errs
 
 
-def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="tile", channels_last=False,
-                 routed_backward=False):
-    """fused_multi_route_scan (float32, forward ``kernel``, x optionally a channels_last map) vs
-    multi_route_scan on the reference backend (float64)."""
+def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="tile", channels_last=False):
+    """The fused multi-route scan (float32, forward and backward ``kernel``, x optionally a
+    channels_last map) vs the materialised one on the reference backend (float64)."""
     import torch
 
-    from harness.models.eamamba import init_ssm_parameters, multi_route_scan
-    from harness.models.routes import resolve_directions
-    from harness.ops import scan_triton
+    from harness.models.eamamba import init_ssm_parameters
+    from harness.ops import multi_route_scan, resolve_directions, use_route_mode
+    from harness.ops.scan_triton_launch import scan_settings
 
     torch.manual_seed(heads * 100 + dim + h * w)
     names = resolve_directions(routes)
@@ -134,19 +133,15 @@ def _check_fused(routes, merge, heads, dim, h, w, d_state=4, dt_rank=2, kernel="
         xx = x.detach().to(dtype).clone().requires_grad_()
         ps = [params[k].detach().to(dtype).clone().requires_grad_() for k in order]
         if kind == "fused":
-            saved = scan_triton.FORWARD_KERNEL, scan_triton.BACKWARD_KERNEL, scan_triton.ROUTED_BACKWARD
-            # the forward kernel's family runs the backward too (session 1's path: tile + tile)
-            scan_triton.FORWARD_KERNEL, scan_triton.BACKWARD_KERNEL, scan_triton.ROUTED_BACKWARD = (
-                kernel, kernel, routed_backward)
-            try:
+            # the forward kernel's family runs the backward too
+            with scan_settings(forward_kernel=kernel, backward_kernel=kernel), use_route_mode("fused"):
                 xin = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
-                y = scan_triton.fused_multi_route_scan(xin, head_routes, merge, *ps)
+                y = multi_route_scan(xin, head_routes, merge, *ps, backend="triton")
                 gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
                 y.backward(gy)
-            finally:
-                scan_triton.FORWARD_KERNEL, scan_triton.BACKWARD_KERNEL, scan_triton.ROUTED_BACKWARD = saved
         else:
-            y = multi_route_scan(xx, head_routes, merge, *ps, backend="reference")
+            with use_route_mode("materialised"):
+                y = multi_route_scan(xx, head_routes, merge, *ps, backend="reference")
             gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
             y.backward(gy)
         results[kind] = [y.detach(), xx.grad] + [p.grad for p in ps]
@@ -159,7 +154,7 @@ def _check_step_channels_last():
     into a channels-last ``out``: several segments, a block of 4 channels over 2 groups."""
     import torch
 
-    from harness.ops import scan_triton
+    from harness.ops import scan_triton_launch as launch
     from harness.ops.scan_reference import selective_scan_reference
 
     inp = _scan_inputs(2, 8, 41, 4, 2)
@@ -168,8 +163,8 @@ def _check_step_channels_last():
     cl3 = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  (b, L, c) memory
     cl4 = lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # noqa: E731  (b, L, g, n) memory
     out = torch.empty(2, 41, 8).transpose(1, 2)
-    y2 = scan_triton._forward_step(cl3(f["u"]), cl3(f["delta"]), f["A"], cl4(f["B"]), cl4(f["C"]), f["D"],
-                                   f["delta_bias"], True, seg_len=6, block_d=4, out=out)
+    y2 = launch.forward_step(cl3(f["u"]), cl3(f["delta"]), f["A"], cl4(f["B"]), cl4(f["C"]), f["D"],
+                             f["delta_bias"], True, seg_len=6, block_d=4, out=out)
     return {"y": _rel(y2, y), "wrote_out": 0.0 if y2.data_ptr() == out.data_ptr() else 1.0}
 
 
@@ -185,25 +180,22 @@ def _check_channel_norm(bias_free: bool, channels_last: bool):
     torch.manual_seed(11)
     x = torch.randn(2, 12, 7, 9, dtype=torch.float64) * 3 + 1
     gy = torch.randn_like(x)
-    ref = ChannelLayerNorm(12, "BiasFree" if bias_free else "WithBias").double()
+    ref = ChannelLayerNorm(12, "BiasFree" if bias_free else "WithBias", fast_path=False).double()
     with torch.no_grad():
         ref.body.weight.copy_(torch.randn(12))
         if not bias_free:
             ref.body.bias.copy_(torch.randn(12))
-    ours = ChannelLayerNorm(12, "BiasFree" if bias_free else "WithBias").float()
+    ours = ChannelLayerNorm(12, "BiasFree" if bias_free else "WithBias", fast_path=True).float()
     ours.load_state_dict(ref.state_dict())
     results = {}
     for kind, mod, dtype in (("ref", ref, torch.float64), ("ours", ours, torch.float32)):
-        norm_triton.ENABLED = kind == "ours"
         xx = x.to(dtype).clone()
         if channels_last:
             xx = xx.contiguous(memory_format=torch.channels_last)
         xx.requires_grad_()
-        assert norm_triton.can_use(xx) == (kind == "ours")
-        y = mod(xx)
+        y = mod.forward_fast(xx) if kind == "ours" else mod(xx)
         y.backward(gy.to(dtype))
         results[kind] = [y.detach(), xx.grad] + [p.grad for p in mod.parameters()]
-    norm_triton.ENABLED = True
     errs = {lab: _rel(a, b) for lab, a, b in zip(["y", "dx", "dw", "db"], results["ours"], results["ref"])}
     errs["kept_format"] = 0.0 if results["ours"][0].is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format) else 1.0
@@ -214,9 +206,7 @@ def _check_channel_norm(bias_free: bool, channels_last: bool):
         mod.zero_grad(set_to_none=True)
         xx, zz = (t.detach().to(dtype).clone().requires_grad_() for t in (x, z))
         if kind == "ref":
-            norm_triton.ENABLED = False
             y = mod(xx) * torch.nn.functional.silu(zz)
-            norm_triton.ENABLED = True
         else:
             y = norm_triton._ChannelLayerNorm.apply(xx, mod.body.weight, getattr(mod.body, "bias", None), zz, 1e-5)
         y.backward(gy.to(dtype))
@@ -235,7 +225,7 @@ def _check_block_fused():
     import torch
 
     from harness.models.eamamba import MambaFormerBlock
-    from harness.ops import norm_triton, scan_triton, use_backend
+    from harness.ops import route_scan, use_backend
 
     torch.manual_seed(4)
     ref = MambaFormerBlock(16, mixer="simple", d_state=4, directions="all_around").double()
@@ -245,14 +235,12 @@ def _check_block_fused():
     gy = torch.randn_like(x)
     res = {}
     for kind, mod, dtype, backend in (("ref", ref, torch.float64, "reference"), ("ours", ours, torch.float32, "triton")):
-        norm_triton.ENABLED = kind == "ours"
         xx = x.detach().to(dtype).clone().requires_grad_()
         with use_backend(backend):
-            assert scan_triton.can_fuse(xx) == (kind == "ours")
+            assert route_scan.uses_fused_path(xx) == (kind == "ours")
             y = mod(xx)
         y.backward(gy.to(dtype))
         res[kind] = [y.detach(), xx.grad] + [p.grad for p in mod.parameters()]
-    norm_triton.ENABLED = True
     errs = {f"t{i}": _rel(a, b) for i, (a, b) in enumerate(zip(res["ours"], res["ref"]))}
     with torch.no_grad(), use_backend("triton"):
         y1 = ours(x.float())
@@ -275,13 +263,10 @@ def _check_block_fused():
 
 def _check_assoc_scan_path():
     """The GPU path's tl.associative_scan (forward and reverse) on a tiny tile."""
-    from harness.ops import scan_triton
+    from harness.ops.scan_triton_launch import scan_settings
 
-    scan_triton.ASSOC_SCAN_IN_INTERPRETER = True
-    try:
+    with scan_settings(assoc_scan_in_interpreter=True):
         return _check_scan((1, 2, 11, 2, 1), dict(block_t=4, seg_tiles=1))
-    finally:
-        scan_triton.ASSOC_SCAN_IN_INTERPRETER = False
 
 
 def run_checks(which: list[str]) -> dict:
@@ -305,10 +290,6 @@ def run_checks(which: list[str]) -> dict:
             out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7, kernel="step", channels_last=True)
         elif name == "fused_step_add_cross_5x7":
             out[name] = _check_fused("cross", "add", 4, 4, 5, 7, kernel="step")
-        elif name == "fused_add_cross_5x7_routed_backward":  # the kernels reading through the index
-            out[name] = _check_fused("cross", "add", 4, 4, 5, 7, routed_backward=True)
-        elif name == "fused_concat_all_around_5x7_routed_backward":
-            out[name] = _check_fused("all_around", "concat", 8, 16, 5, 7, routed_backward=True)
         elif name == "step_channels_last_views":
             out[name] = _check_step_channels_last()
         elif name == "block_fused":
@@ -324,8 +305,7 @@ def run_checks(which: list[str]) -> dict:
 
 FAST = list(SCAN_CASES) + ["no_softplus_fp64", "dispatcher", "fused_concat_all_around_5x7", "fused_add_cross_5x7",
                            "fused_step_concat_all_around_5x7_channels_last", "fused_step_add_cross_5x7",
-                           "step_channels_last_views", "fused_add_cross_5x7_routed_backward",
-                           "fused_concat_all_around_5x7_routed_backward", "channel_norm_with_bias",
+                           "step_channels_last_views", "channel_norm_with_bias",
                            "channel_norm_bias_free_channels_last", "block_fused"]
 SLOW = ["fused_concat_16heads_4x6", "assoc_scan_path"]
 
@@ -383,20 +363,20 @@ def test_sixteen_byte_state_loads_only_where_they_are_valid():
     pytest.importorskip("triton")
     import torch
 
-    from harness.ops import scan_triton
+    from harness.ops import scan_triton_launch
 
     def bc(n, dtype=torch.float32, offset=0, g=2, L=5):
         flat = torch.zeros(offset + 2 * L * g * n, dtype=dtype)[offset:]
         return flat.view(2, L, g, n).permute(0, 2, 3, 1)  # (b, g, n, L) over (b, L, g, n) memory
 
-    assert scan_triton._vector_states(bc(16), bc(16), 16)
-    assert scan_triton._vector_states(bc(4), bc(4), 4)
-    assert not scan_triton._vector_states(bc(3), bc(3), 3)  # a state mask
-    assert not scan_triton._vector_states(bc(12), bc(12), 12)  # not a power of two: a state mask
-    assert not scan_triton._vector_states(bc(16, torch.float64), bc(16, torch.float64), 16)
-    assert not scan_triton._vector_states(bc(16), bc(16, offset=1), 16)  # C's rows 4 bytes off
+    assert scan_triton_launch.vector_states(bc(16), bc(16), 16)
+    assert scan_triton_launch.vector_states(bc(4), bc(4), 4)
+    assert not scan_triton_launch.vector_states(bc(3), bc(3), 3)  # a state mask
+    assert not scan_triton_launch.vector_states(bc(12), bc(12), 12)  # not a power of two: a state mask
+    assert not scan_triton_launch.vector_states(bc(16, torch.float64), bc(16, torch.float64), 16)
+    assert not scan_triton_launch.vector_states(bc(16), bc(16, offset=1), 16)  # C's rows 4 bytes off
     odd_rows = torch.zeros(2, 5, 2, 18)[..., :16].permute(0, 2, 3, 1)  # row stride 18 floats
-    assert not scan_triton._vector_states(odd_rows, odd_rows, 16)
+    assert not scan_triton_launch.vector_states(odd_rows, odd_rows, 16)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """EAMamba (Lin et al., ICCV 2025) and its ablation family, weight-compatible with the release.
 
-Read top to bottom: the multi-route selective scan (shared with MambaIR's SS2D), the MHSSM
-token mixer, the MambaFormer block, the restoration U-Net and the lightweight SR network.
+Read top to bottom: the MHSSM token mixer (its scan is ``harness.ops.route_scan.multi_route_scan``,
+shared with MambaIR's SS2D), the MambaFormer block, the restoration U-Net and the lightweight SR
+network.
 
 MHSSM generalises the paper's module along the axes its ablations vary:
-- ``directions``: any list of scan routes or a named set (harness.models.routes);
+- ``directions``: any list of scan routes or a named set (``harness/ops/routes.py``);
 - ``heads``: channel groups; head i reads route i mod k, so heads must be a multiple of the
   number of routes k and divide d_inner (the release: heads = k = 8);
 - ``merge``: ``concat`` (multi-head: each route scans its own channel group, results are
@@ -22,71 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.models.layers import ChannelLayerNorm, batched_mm, make_mixer
-from harness.models.routes import resolve_directions, route_indices
+from harness.models.layers import ChannelLayerNorm, batched_mm, make_mixer, resolve_fast_path
 from harness.models.unet import RestormerUNet
-from harness.ops import norm_triton, selective_scan
-
-try:  # fused-route Triton kernels (CUDA); None where Triton cannot load
-    from harness.ops import scan_triton as _scan_triton
-except Exception:  # noqa: BLE001
-    _scan_triton = None
-
-MERGES = ("concat", "add")
-
-
-def multi_route_scan(
-    x: torch.Tensor,
-    head_routes: tuple[str, ...],
-    merge: str,
-    x_proj_weight: torch.Tensor,
-    dt_projs_weight: torch.Tensor,
-    dt_projs_bias: torch.Tensor,
-    A_logs: torch.Tensor,
-    Ds: torch.Tensor,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Selective scan of a (B, D, H, W) map along one route per head; returns (B, D, H·W).
-
-    concat: head g scans channels [g·D/K, (g+1)·D/K) along ``head_routes[g]``;
-    add: every head scans all D channels along its route, and the K outputs are summed.
-    Projection shapes: x_proj_weight (K, R + 2N, d), dt_projs_weight (K, d, R),
-    dt_projs_bias (K, d), A_logs (K·d, N), Ds (K·d), with d = D/K (concat) or D (add).
-    """
-    if _scan_triton is not None and _scan_triton.can_fuse(x, backend):
-        # Reads and writes through each head's route index: no permuted copies (same result).
-        return _scan_triton.fused_multi_route_scan(x, head_routes, merge, x_proj_weight, dt_projs_weight,
-                                                   dt_projs_bias, A_logs, Ds)
-    b, D, h, w = x.shape
-    L = h * w
-    K, _, d = x_proj_weight.shape
-    R = dt_projs_weight.shape[-1]
-    N = A_logs.shape[-1]
-    perm, inverse = route_indices(head_routes, h, w, x.device)  # (K, L) each
-    flat = x.reshape(b, D, L)
-    if merge == "concat":
-        heads_in = flat.view(b, K, d, L)
-    else:
-        heads_in = flat.unsqueeze(1).expand(b, K, D, L)
-    xs = heads_in.gather(-1, perm[None, :, None, :].expand(b, K, d, L))  # (B, K, d, L) in route order
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)  # (B, K, R + 2N, L)
-    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)  # (B, K, d, L)
-    ys = selective_scan(
-        xs.reshape(b, K * d, L),
-        dts.reshape(b, K * d, L),
-        -torch.exp(A_logs.float()),
-        Bs,  # (B, K, N, L): one B per head, shared by its d channels
-        Cs,
-        D=Ds.float(),
-        delta_bias=dt_projs_bias.reshape(-1).float(),
-        delta_softplus=True,
-        backend=backend,
-    ).view(b, K, d, L)
-    ys = ys.gather(-1, inverse[None, :, None, :].expand(b, K, d, L))  # back to raster order
-    if merge == "concat":
-        return ys.reshape(b, D, L)
-    return ys.sum(1)
+from harness.ops import norm_triton
+from harness.ops.route_scan import MERGES, multi_route_scan, uses_fused_path
+from harness.ops.routes import resolve_directions
 
 
 def init_ssm_parameters(
@@ -129,6 +70,7 @@ class MHSSM(nn.Module):
         conv_2d: bool = True,
         use_z: bool = True,
         scan_backend: str = "auto",
+        fast_path: bool | None = None,
     ):
         super().__init__()
         routes = resolve_directions(directions)
@@ -160,6 +102,7 @@ class MHSSM(nn.Module):
         self.routes = routes
         self.head_routes = tuple(routes[i % k] for i in range(heads))
         self.conv_2d, self.use_z, self.scan_backend = conv_2d, use_z, scan_backend
+        self.fast_path = resolve_fast_path(fast_path)  # see harness.models.layers
 
         # Direct parameters first: their order is the release's state-dict order.
         for name, value in init_ssm_parameters(heads, d, self.dt_rank, self.d_state).items():
@@ -175,14 +118,36 @@ class MHSSM(nn.Module):
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path and self.conv_2d and uses_fused_path(x, self.scan_backend):
+            return self.forward_fast(x)
         b, c, h, w = x.shape
         L = h * w
-        # The fused GPU scan works channels-last: keep the maps in that memory format from here on.
-        fused = self.conv_2d and _scan_triton is not None and _scan_triton.can_fuse(x, self.scan_backend)
-        # (inference: mm/bmm on transposed operands, no copies; training: F.linear, whose
-        # backward measured faster on an H200: 8×128² 171 against 187 ms, 2×256² 174 against 260)
+        xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
+        xin, z = xz.chunk(2, dim=-1) if self.use_z else (xz, None)
+        xin = xin.permute(0, 3, 1, 2).contiguous()  # (B, d_inner, H, W)
+        if self.conv_2d:
+            xin = F.silu(self.conv(xin))
+        else:  # causal depthwise conv along the raster sequence
+            xin = F.silu(self.conv(xin.flatten(2))[..., :L]).view(b, self.d_inner, h, w)
+        y = multi_route_scan(
+            xin, self.head_routes, self.merge, self.x_proj_weight, self.dt_projs_weight,
+            self.dt_projs_bias, self.A_logs, self.Ds, self.scan_backend,
+        )  # (B, d_inner, L)
+        y = self.out_norm(y.transpose(1, 2))  # (B, L, d_inner)
+        if z is not None:
+            y = y * F.silu(z.reshape(b, L, self.d_inner))
+        return self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` laid out for the fused route scan (``harness/ops/route_scan_fused.py``):
+        the maps stay channels-last from the input projection to the output, so the scan reads
+        and writes them without copies. Without gradients the projections are ``mm``/``bmm`` on
+        transposed operands (no copies either); with gradients they stay ``F.linear``, whose
+        backward is the faster one. The output norm and the gate are one Triton kernel."""
+        b, c, h, w = x.shape
+        L = h * w
         project = batched_mm if not torch.is_grad_enabled() else None
-        if fused and self.use_z:
+        if self.use_z:
             # two products instead of one and a chunk: xin and z come out contiguous, so xin is a
             # channels_last map without a copy and the gate reads z densely
             w_in = self.in_proj.weight
@@ -194,33 +159,27 @@ class MHSSM(nn.Module):
                 x_hwc = x.permute(0, 2, 3, 1).contiguous()  # one copy (F.linear would copy it for each)
                 xin, z = F.linear(x_hwc, w_in[:self.d_inner]), F.linear(x_hwc, w_in[self.d_inner:])
         else:
-            xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, C) -> (B, H, W, (2)·d_inner)
-            xin, z = xz.chunk(2, dim=-1) if self.use_z else (xz, None)
+            xin, z = self.in_proj(x.permute(0, 2, 3, 1)), None  # (B, H, W, d_inner)
         del x  # the block's normalised input: free before the scan's buffers are allocated
-        xin = xin.permute(0, 3, 1, 2)  # (B, d_inner, H, W)
-        xin = xin.contiguous(memory_format=torch.channels_last if fused else torch.contiguous_format)
-        if self.conv_2d:
-            xin = F.silu(self.conv(xin))
-        else:  # causal depthwise conv along the raster sequence
-            xin = F.silu(self.conv(xin.flatten(2))[..., :L]).view(b, self.d_inner, h, w)
+        xin = xin.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # (B, d_inner, H, W)
+        xin = F.silu(self.conv(xin))
         y = multi_route_scan(
             xin, self.head_routes, self.merge, self.x_proj_weight, self.dt_projs_weight,
             self.dt_projs_bias, self.A_logs, self.Ds, self.scan_backend,
-        )  # (B, d_inner, L)
+        )  # (B, d_inner, L), a view of (B, L, d_inner) memory
         del xin
         y = y.transpose(1, 2)  # (B, L, d_inner)
         z = None if z is None else z.reshape(b, L, self.d_inner)
-        if fused and norm_triton.can_use(y) and y.stride(2) == 1:  # norm and gate in one kernel
+        if norm_triton.can_use(y) and y.stride(2) == 1:  # norm and gate in one kernel
             y = norm_triton.layer_norm_last_dim(y, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps, z)
         else:
             y = self.out_norm(y)
             if z is not None:
                 y = y * F.silu(z)
-        if fused and project is not None:  # out^T = W y^T straight into (B, C, H·W) memory
+        if project is not None:  # out^T = W y^T straight into (B, C, H·W) memory
             return project(self.out_proj.weight, y.transpose(1, 2)).view(b, c, h, w)
-        if fused:  # a (B, C, H, W) view of channels-last memory: the residual add reads it as it is
-            return self.out_proj(y).view(b, h, w, c).permute(0, 3, 1, 2)
-        return self.out_proj(y).transpose(1, 2).reshape(b, c, h, w)
+        # a (B, C, H, W) view of channels-last memory: the residual add reads it as it is
+        return self.out_proj(y).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class MambaFormerBlock(nn.Module):

@@ -6,11 +6,48 @@ so official checkpoints load strictly into every network assembled from these pa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.ops import norm_triton
+
+# --- GPU fast paths ----------------------------------------------------------------------------
+# A module with a GPU specialisation decides at construction whether it may take it (its
+# ``fast_path`` attribute, by default ``fast_paths_enabled()``, as timm's fused-attention flag).
+# Its ``forward`` is the reference math unless that flag is on and the input is one the
+# specialisation serves (a CUDA tensor in eager mode), where ``forward_fast`` computes the same
+# values faster. Tests compare the two; FLOP counters and torch.compile always see the reference.
+
+_fast_paths = True
+
+
+def fast_paths_enabled() -> bool:
+    """Whether modules built now take their GPU fast paths (default True)."""
+    return _fast_paths
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool):
+    """Build the modules created inside the block with (True) or without (False) their fast paths."""
+    global _fast_paths
+    previous, _fast_paths = _fast_paths, bool(enabled)
+    try:
+        yield
+    finally:
+        _fast_paths = previous
+
+
+def resolve_fast_path(fast_path: bool | None) -> bool:
+    """A module's ``fast_path`` argument: None takes ``fast_paths_enabled()``."""
+    return fast_paths_enabled() if fast_path is None else bool(fast_path)
+
+
+def gpu_eager(x: torch.Tensor) -> bool:
+    """A CUDA tensor outside tracing and compilation (which must see ordinary operators)."""
+    return x.is_cuda and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
 class _WithBiasNorm(nn.Module):
@@ -20,8 +57,6 @@ class _WithBiasNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W), statistics over C
-        if norm_triton.can_use(x):  # the same values in one kernel each way (GPU, eager)
-            return norm_triton.channel_layer_norm(x, self.weight, self.bias)
         mu = x.mean(1, keepdim=True)
         var = x.var(1, keepdim=True, unbiased=False)
         return (x - mu) / torch.sqrt(var + 1e-5) * self.weight[:, None, None] + self.bias[:, None, None]
@@ -34,8 +69,6 @@ class _BiasFreeNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # BiasFree still divides by the variance around the mean but does not subtract it.
-        if norm_triton.can_use(x):
-            return norm_triton.channel_layer_norm(x, self.weight, None)
         var = x.var(1, keepdim=True, unbiased=False)
         return x / torch.sqrt(var + 1e-5) * self.weight[:, None, None]
 
@@ -46,19 +79,26 @@ class ChannelLayerNorm(nn.Module):
     Written with elementary ops (mean, var), as the releases do: FLOP counters in the papers'
     convention then charge it nothing, unlike ``nn.LayerNorm``. The releases normalise a
     (B, H·W, C) transposed view; reducing over dim 1 of the map itself gives the same values
-    (bit-identical on CPU) without strided elementwise kernels (on a GPU those were ~1000
-    launches per EAMamba forward). On a GPU, in eager mode, float32 maps go through
-    ``harness.ops.norm_triton`` instead: the same computation in one kernel each way.
+    (bit-identical on CPU) without strided elementwise kernels. Fast path: float32 maps on a GPU
+    go through ``harness.ops.norm_triton``, the same computation in one kernel each way (the
+    elementary ops are about eight kernels per call, twice that backwards).
     """
 
-    def __init__(self, channels: int, norm_type: str = "WithBias"):
+    def __init__(self, channels: int, norm_type: str = "WithBias", fast_path: bool | None = None):
         super().__init__()
         if norm_type not in ("WithBias", "BiasFree"):
             raise ValueError(f"norm_type must be 'WithBias' or 'BiasFree', got {norm_type!r}")
         self.body = _WithBiasNorm(channels) if norm_type == "WithBias" else _BiasFreeNorm(channels)
+        self.fast_path = resolve_fast_path(fast_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path and norm_triton.can_use(x):
+            return self.forward_fast(x)
         return self.body(x)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm as one Triton kernel (float32, CUDA or the Triton interpreter)."""
+        return norm_triton.channel_layer_norm(x, self.body.weight, getattr(self.body, "bias", None))
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -88,29 +128,30 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Double resolution, halve channels: conv C -> 2C, then PixelShuffle(2)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, fast_path: bool | None = None):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
         )
+        self.fast_path = resolve_fast_path(fast_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.fast_path and gpu_eager(x) and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+                and not torch.is_grad_enabled()):
+            return self.forward_fast(x)
+        return self.body(x)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution through PyTorch's own kernel (im2col + cuBLAS) instead of cuDNN:
+        for these wide 3×3 convolutions in strict fp32 without gradients, cuDNN's choice is the
+        slower one at every size measured, and at a 512² input (512 -> 1024 channels at 64×64)
+        it asks for a workspace of tens of GB (``harness.bench.gpu_pointwise --model-convs``
+        measures it; with TF32 allowed cuDNN is faster)."""
         conv, shuffle = self.body
-        return shuffle(conv_without_cudnn_in_strict_fp32(conv, x))
-
-
-def conv_without_cudnn_in_strict_fp32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, on a GPU in strict fp32 without gradients through PyTorch's own kernel
-    (im2col + cuBLAS) instead of cuDNN. For Upsample's wide 3×3 convolutions cuDNN's strict-fp32
-    choice is the slower one at every size measured on an H200, and at a 512² input
-    (512 -> 1024 channels at 64×64) it takes 74 ms and a 67 GB workspace against 0.87 ms and
-    88 MB (``harness.bench.gpu_pointwise --model-convs``). With TF32 allowed cuDNN is faster."""
-    if (not x.is_cuda or x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 or torch.is_grad_enabled()
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-        return conv(x)
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=False, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
-        return conv(x)
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(enabled=False, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            return shuffle(conv(x))
 
 
 def batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,15 +164,6 @@ def batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a if a.dim() == 3 else a.expand(batch, -1, -1)
     b = b if b.dim() == 3 else b.expand(batch, -1, -1)
     return torch.bmm(a, b)
-
-
-def use_pointwise_products(x: torch.Tensor) -> bool:
-    """Whether 1×1 convolutions of ``x`` run as matrix products (``pointwise_product``): on a GPU,
-    for a contiguous NCHW map, outside tracing and compilation (so FLOP counters and Inductor
-    see ordinary convolutions). cuBLAS beat cuDNN's strict-fp32 1×1 convolutions by 10-35 % at
-    EAMamba's mixer shapes on an H200 (``harness.bench.gpu_pointwise``), and a 1×384² training
-    step went from 180 to 162 ms."""
-    return x.is_cuda and x.is_contiguous() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
 def pointwise_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -149,23 +181,28 @@ def pointwise_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.
 class SimpleGateFFN(nn.Module):
     """NAFNet's SimpleGate as a mixer: 1×1 to ``hidden``, multiply its halves, 1×1 back."""
 
-    def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):
+    def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False, fast_path: bool | None = None):
         super().__init__()
         hidden = int(dim * expansion)
         if hidden % 2:
             raise ValueError(f"the simple mixer needs an even hidden width, got int({dim}*{expansion})={hidden}")
         self.project_in = nn.Conv2d(dim, hidden, kernel_size=1, bias=bias)
         self.project_out = nn.Conv2d(hidden // 2, dim, kernel_size=1, bias=bias)
+        self.fast_path = resolve_fast_path(fast_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_pointwise_products(x):
-            x1, x2 = self.project_in(x).chunk(2, dim=1)
-            return self.project_out(x1 * x2)
-        # one product (or convolution) per half: dense halves at any batch (the chunks of one
-        # product are strided at batch > 1, and so would be the multiply and its backward).
-        # With gradients at batch > 1 the weight gradient of a batched product is a bmm with a
-        # small output and a long reduction, which cuBLAS runs on a few blocks (H200: 2×256²
-        # training step 218 ms against 162 with cuDNN's convolutions).
+        if self.fast_path and gpu_eager(x) and x.is_contiguous():
+            return self.forward_fast(x)
+        x1, x2 = self.project_in(x).chunk(2, dim=1)
+        return self.project_out(x1 * x2)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same mixer on a contiguous NCHW map with dense halves: one product (or convolution)
+        per half, since the chunks of one output are strided at batch > 1 (and so would be the
+        multiply and its backward). cuBLAS products beat cuDNN's strict-fp32 1×1 convolutions at
+        these shapes (``harness.bench.gpu_pointwise``), except for the weight gradient at batch > 1:
+        there the batched product is a bmm with a small output and a long reduction, which cuBLAS
+        runs on a few blocks, so training at batch > 1 keeps the convolutions."""
         products = not (torch.is_grad_enabled() and x.shape[0] > 1)
         half = self.project_in.out_channels // 2
         w_in, b_in = self.project_in.weight, self.project_in.bias

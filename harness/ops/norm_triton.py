@@ -29,7 +29,6 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-ENABLED = True  # benchmarks switch the kernels off to time the elementary-op version
 TILE_ELEMENTS = 4096  # channels × pixels per program (registers: 32 per thread at 4 warps)
 MIN_BLOCK_P = 32  # pixels per program at least: 128-byte runs along pixels in NCHW memory
 
@@ -229,9 +228,11 @@ def layer_norm_last_dim(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def can_use(x: torch.Tensor) -> bool:
-    """True when the kernels here should replace the torch ops for x: float32 on a CUDA device (or on CPU under the interpreter), outside torch.compile and tracing
-    (which see the elementary ops: Inductor fuses them, FLOP counters charge them nothing)."""
-    if not ENABLED or triton is None or x.dtype != torch.float32:
+    """True when the kernels here can replace the torch ops for x: float32 on a CUDA device (or on
+    CPU under the interpreter), outside torch.compile and tracing (which see the elementary ops:
+    Inductor fuses them, FLOP counters charge them nothing). Modules ask this only on their fast
+    path (``harness.models.layers``)."""
+    if triton is None or x.dtype != torch.float32:
         return False
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         return False

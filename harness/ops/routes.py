@@ -24,17 +24,29 @@ Named route sets:
 - ``cross``: h, h_rev, v, v_rev; ``bidirectional``: h, h_rev; ``raster``: h;
 - ``<pattern>4`` (e.g. ``diag4``, ``zigzag4``, ``hilbert4``, ``zorder4``): the pattern, its
   reverse, the pattern on the mirrored image and that reversed;
-- ``<pattern>4_release``: what the released code runs for a 4-route pattern. It reverses by
-  flipping the sequence *before* indexing, so head 1 is the pattern on the 180°-rotated
-  image and head 3 the pattern on the up-down flipped image. For ``diag`` both readings
-  coincide; for zigzag, Hilbert and z-order they differ;
-- ``all_around_<pattern>`` / ``all_around_<pattern>_release``: those four plus h, h_rev, v, v_rev.
+- ``<pattern>4_flips``: the pattern on the image, rotated 180°, mirrored and flipped up-down.
+  This is how the released code builds its 4-route sets: it "reverses" by flipping the
+  sequence *before* indexing, so its head 1 is the pattern on the 180°-rotated image and its
+  head 3 the pattern on the up-down flipped image. For ``diag`` both readings coincide; for
+  zigzag, Hilbert and z-order they differ;
+- ``all_around_<pattern>`` / ``all_around_<pattern>_flips``: those four plus h, h_rev, v, v_rev.
+
+What the release runs for its 4-route ablations: ``diag4_flips``, ``zigzag4_flips``,
+``hilbert4_flips`` and, for z-order, ``zorder_release4_flips`` (its colliding codes). The release
+orders cells whose codes collide with ``torch.argsort``, an unstable sort whose order among equal
+keys depends on the platform; we order them by raster position (a stable sort), so
+``zorder_release`` routes are the release's up to the order inside each group of tied cells.
+``zorder4_flips`` is the true Morton curve with the release's flips, which the release never ran.
+The ``_flips`` sets were once named ``<pattern>4_release`` (``all_around_<pattern>_release``): those
+names still resolve, except ``zorder4_release``, which read as "the release's z-order" but ran the
+true Morton curve, and now raises an error naming both sets.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,10 +63,18 @@ ROUTE_SETS: dict[str, tuple[str, ...]] = {
 }
 for _p in ("diag", "zigzag", "hilbert", "zorder", "zorder_release"):
     ROUTE_SETS[f"{_p}4"] = (_p, f"{_p}_rev", f"{_p}_mirror", f"{_p}_mirror_rev")
-    ROUTE_SETS[f"{_p}4_release"] = (_p, f"{_p}_rot180", f"{_p}_mirror", f"{_p}_vflip")
+    ROUTE_SETS[f"{_p}4_flips"] = (_p, f"{_p}_rot180", f"{_p}_mirror", f"{_p}_vflip")
     ROUTE_SETS[f"all_around_{_p}"] = ROUTE_SETS[f"{_p}4"] + ROUTE_SETS["cross"]
-    ROUTE_SETS[f"all_around_{_p}_release"] = ROUTE_SETS[f"{_p}4_release"] + ROUTE_SETS["cross"]
+    ROUTE_SETS[f"all_around_{_p}_flips"] = ROUTE_SETS[f"{_p}4_flips"] + ROUTE_SETS["cross"]
 del _p
+
+# The sets' former names: each still resolves where it said what it ran.
+RENAMED_SETS = {f"{p}4_release": f"{p}4_flips" for p in ("diag", "zigzag", "hilbert", "zorder_release")}
+RENAMED_SETS |= {f"all_around_{p}_release": f"all_around_{p}_flips"
+                 for p in ("diag", "zigzag", "hilbert", "zorder_release")}
+# ... and these did not: "zorder4_release" ran the true Morton curve, not the release's z-order.
+# ("all_around_zorder_release" is all_around_<pattern> of the zorder_release pattern, as before.)
+MISLEADING_SETS = {"zorder4_release": ("zorder4_flips", "zorder_release4_flips")}
 
 
 def _parse(name: str) -> tuple[str, str | None, bool]:
@@ -87,12 +107,19 @@ def is_route(name: str) -> bool:
 def resolve_directions(directions: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Turn a route-set name or a list of route names into a validated tuple of route names."""
     if isinstance(directions, str):
+        if directions in MISLEADING_SETS:
+            morton, release = MISLEADING_SETS[directions]
+            raise ValueError(
+                f"route set {directions!r} was renamed: it ran the true Morton curve with the release's flips "
+                f"(now {morton!r}), not the release's own z-order, which is {release!r} (its colliding codes)"
+            )
+        directions = RENAMED_SETS.get(directions, directions)
         if directions in ROUTE_SETS:
             return ROUTE_SETS[directions]
         if not is_route(directions):
             raise ValueError(
                 f"unknown directions {directions!r}: not a route set ({sorted(ROUTE_SETS)}) "
-                f"nor a route name ({_parse.__doc__ and 'see harness.models.routes'})"
+                f"nor a route name (<pattern>[_<view>][_rev], see harness/ops/routes.py)"
             )
         return (directions,)
     names = tuple(str(d) for d in directions)
@@ -189,8 +216,8 @@ def _zorder(h: int, w: int) -> np.ndarray:
 
 
 def _zorder_release(h: int, w: int) -> np.ndarray:
-    # Ties (colliding codes) are broken by raster position; the release used torch.argsort,
-    # whose order among equal keys is unspecified.
+    # Colliding codes are ordered by raster position (a stable sort). The release sorts with
+    # torch.argsort, unstable: its order among equal codes depends on the platform.
     return np.argsort(morton_codes(h, w, release=True), kind="stable")
 
 
@@ -231,26 +258,48 @@ def route_order(name: str, height: int, width: int) -> np.ndarray:
     return perm
 
 
-_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+class RouteIndex(NamedTuple):
+    """One route set's positions on one grid and device: ``perm`` and ``inverse`` (K, H·W) int64
+    (for gather), ``steps`` the same permutations as int32 (for the Triton kernels)."""
+
+    perm: torch.Tensor
+    inverse: torch.Tensor
+    steps: torch.Tensor
 
 
-def route_indices(
-    routes: tuple[str, ...], height: int, width: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked permutations and their inverses, each (k, H*W) int64, cached per (H, W, device).
+_INDEX_CACHE: dict[tuple, RouteIndex] = {}
+_INDEX_CACHE_SIZE = 256  # grids × route sets × devices kept (a resolution ladder visits many)
 
-    ``x_route = x.gather(-1, perm)`` reads a (..., k, d, L) tensor along each route;
-    ``x.gather(-1, inverse)`` puts a routed tensor back in raster order.
+
+def route_index(routes: tuple[str, ...], height: int, width: int, device: torch.device | str = "cpu") -> RouteIndex:
+    """The cached ``RouteIndex`` of ``routes`` on an H×W grid, on ``device``: the one cache of
+    route indices every multi-route scan reads.
+
+    The tensors are built outside inference mode (and without autograd), so an index first
+    needed under ``torch.inference_mode()`` can later be saved for a backward pass by any model.
     """
     device = torch.device(device)
     key = (tuple(routes), height, width, device)
     hit = _INDEX_CACHE.get(key)
     if hit is None:
-        perm = torch.from_numpy(np.stack([route_order(r, height, width) for r in routes]))
-        inverse = torch.empty_like(perm)
-        inverse.scatter_(1, perm, torch.arange(height * width).expand_as(perm).contiguous())
-        hit = (perm.to(device), inverse.to(device))
-        if len(_INDEX_CACHE) > 256:  # many resolutions seen (e.g. a resolution ladder)
+        with torch.inference_mode(False), torch.no_grad():
+            perm = torch.from_numpy(np.stack([route_order(r, height, width) for r in routes]))
+            inverse = torch.empty_like(perm)
+            inverse.scatter_(1, perm, torch.arange(height * width).expand_as(perm).contiguous())
+            hit = RouteIndex(perm.to(device), inverse.to(device), perm.to(device=device, dtype=torch.int32))
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
             _INDEX_CACHE.clear()
         _INDEX_CACHE[key] = hit
     return hit
+
+
+def route_indices(
+    routes: tuple[str, ...], height: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked permutations and their inverses, each (k, H*W) int64 (from ``route_index``).
+
+    ``x_route = x.gather(-1, perm)`` reads a (..., k, d, L) tensor along each route;
+    ``x.gather(-1, inverse)`` puts a routed tensor back in raster order.
+    """
+    index = route_index(routes, height, width, device)
+    return index.perm, index.inverse
