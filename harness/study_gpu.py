@@ -238,13 +238,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             "swept": {"variant": v, "seed": s}})
     ctx = mp.get_context("spawn")
     results_q = ctx.Queue()
-    workers, job_qs, busy = [], [], {}
-    for w in range(n_jobs):
-        q = ctx.Queue()
-        p = ctx.Process(target=_worker, args=(q, results_q, w, n_jobs), daemon=True)
-        p.start()
-        workers.append(p)
-        job_qs.append(q)
+    workers: dict[int, Any] = {}  # started on first use: a call with nothing to launch starts none
+    job_qs: dict[int, Any] = {}
+    busy: dict[int, str] = {}
     durations: list[float] = []
     dump()
     while pending or busy:
@@ -253,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for w in range(n_jobs):
             if w not in busy and pending and now - t_start + estimate <= args.deadline:
                 job = pending.pop(0)
+                if w not in workers:
+                    job_qs[w] = ctx.Queue()
+                    workers[w] = ctx.Process(target=_worker, args=(job_qs[w], results_q, w, n_jobs), daemon=True)
+                    workers[w].start()
                 busy[w] = job["key"]
                 state["runs"][job["key"]] = {"worker": w, "queued": now}
                 job_qs[w].put(job)
@@ -282,9 +282,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[{time.time() - t_start:6.0f}s] {msg['key']}: {msg.get('status')}"
               f"{' (skipped)' if msg.get('skipped') else ''} {msg.get('error') or ''}", flush=True)
     state["not_launched"] = [j["key"] for j in pending]
-    for q in job_qs:
+    for q in job_qs.values():
         q.put(None)
-    for p in workers:
+    for p in workers.values():
         p.join(timeout=10)
         if p.is_alive():
             p.kill()

@@ -172,7 +172,7 @@ def display_table(df: pd.DataFrame, tests: list[str], reference: str) -> pd.Data
                 cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if res else ""))
         out[f"{t} ΔPSNR [95% CI]"] = cells
     for c in [c for c in df.columns if c.startswith("erf_area@")]:
-        out[c.replace("erf_area@", "ERF area @")] = df[c]
+        out[c.replace("erf_area@", "ERF area @")] = [f"{v:.3g}" if pd.notna(v) else "-" for v in df[c]]
     return out
 
 
@@ -254,13 +254,13 @@ def claims(records: list[dict], df: pd.DataFrame, test: str) -> list[str]:
         for fewer, more in zip(present, present[1:]):
             d = _delta(per_seed, more, fewer)
             if d:
-                lines.append(f"- More heads at the same width ({route}: {more} vs {fewer}): ΔPSNR = {_interval(d)}; "
-                             f"more heads help: {_verdict_greater(d)}.")
+                lines.append(f"- More heads at the same width help ({route}: {more} vs {fewer}): "
+                             f"ΔPSNR = {_interval(d)}; the claim {_verdict_greater(d)}.")
     for base in ("dncnn", "nafnet", "restormer", "mambair"):
         d = _delta(per_seed, "all_around", base)
         if d:
-            lines.append(f"- EAMamba (all-around) vs {base} at equal budget{cost('all_around', base)}: "
-                         f"ΔPSNR = {_interval(d)}; EAMamba better: {_verdict_greater(d)}.")
+            lines.append(f"- EAMamba (all-around) > {base} at equal budget{cost('all_around', base)}: "
+                         f"ΔPSNR = {_interval(d)}; the claim {_verdict_greater(d)}.")
     return lines
 
 
