@@ -1,4 +1,4 @@
-"""Glue between Hydra and the harness: pick the job kind, collect the run's identity, log."""
+"""Glue between Hydra and the harness: collect the job's identity, run its kind (``harness.jobs``), log."""
 
 from __future__ import annotations
 
@@ -86,34 +86,13 @@ def log_history(record: dict[str, Any], logger_cfg: dict[str, Any]) -> None:
 
 
 def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
-    """Dispatch one composed job to the runner named by ``cfg.job``; returns the record."""
-    from harness.runner import run_job
+    """Run one composed job with the function its ``job`` kind names (``harness.jobs``); returns the record."""
+    from harness.jobs import JobIdentity, run_job_kind
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     model_name, swept = _job_identity()
-    experiment = plain.get("experiment_name", "default")
-    job = plain.get("job", "run")
-    if job == "run":
-        record = run_job(plain, experiment=experiment, model_name=model_name, swept=swept,
-                         run_name=",".join(f"{k}={v}" for k, v in swept.items()) or model_name)
-    elif job == "efficiency":
-        from harness.profile_job import run_efficiency_job
-
-        record = run_efficiency_job(plain, experiment=experiment)
-    elif job == "study":
-        from harness.study import run_study_job
-
-        record = run_study_job(plain, experiment=experiment, swept=swept)
-    elif job == "table":
-        from harness.tables import run_table_job
-
-        record = run_table_job(plain, experiment=experiment)
-    elif job == "ladder":
-        from harness.profile_job import run_ladder_job
-
-        record = run_ladder_job(plain, experiment=experiment)
-    else:
-        raise ValueError(f"unknown job kind job={job!r}; valid: run, efficiency, ladder, study, table")
+    identity = JobIdentity(experiment=plain.get("experiment_name", "default"), model_name=model_name, swept=swept)
+    record = run_job_kind(plain.get("job", "run"), plain, identity)
     if record.get("status") == "ok" and not record.get("skipped"):
         log_history(record, plain.get("logger") or {})
     state = "skipped (complete record exists)" if record.get("skipped") else record.get("status")

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import torch
 
 from harness.models import create, preset_meta
-from harness.profile import count_flops, count_params
-from harness.runner import environment
+from harness.profile import count_flops, count_params, environment
+from harness.record import RunRecord
 from harness.store import Store, config_hash
 
 
@@ -47,12 +47,12 @@ def run_efficiency_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, 
         if store.is_complete(run_hash) and not cfg.get("force"):
             records.append(store.get(run_hash))
             continue
-        record: dict[str, Any] = {"config_hash": run_hash, "experiment": experiment, "run_name": preset,
-                                  "model": preset, "status": "running", "environment": env, "started_at": time.time()}
+        run = RunRecord(config_hash=run_hash, experiment=experiment, run_name=preset, model=preset, environment=env,
+                        started_at=time.time())
         t0 = time.perf_counter()
         try:
             meta = preset_meta(preset)
-            record["family"] = meta.get("family")
+            run.family = meta.get("family")
             model = create(preset)
             params = count_params(model)
             shape = list(meta.get("flops_input") or [1, 3, 256, 256])
@@ -63,15 +63,17 @@ def run_efficiency_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, 
                 total, conv, method = full.total, full.conv_only, "counted at the input size"
             official = {"params": meta.get("official_params"), "gflops": meta.get("official_gflops"),
                         "gflops_conv_only": meta.get("official_gflops_conv_only")}
-            record["profile"] = {"params": params, "gmacs": total / 1e9, "flops_input": shape, "flops_method": method,
-                                 "gmacs_conv_only": conv / 1e9}
-            record["official"] = official
-            record["status"] = "ok"
+            run.profile = {"params": params, "gmacs": total / 1e9, "flops_input": shape, "flops_method": method,
+                           "gmacs_conv_only": conv / 1e9}
+            run.official = official
+            run.status = "ok"
         except Exception as err:  # noqa: BLE001 - one bad preset must not stop the table
-            record["status"] = "failed"
-            record["error"] = f"{type(err).__name__}: {err}"
-            record["traceback"] = traceback.format_exc()
-        record["timings"] = {"total_s": time.perf_counter() - t0}
+            run.status = "failed"
+            run.error = f"{type(err).__name__}: {err}"
+            run.traceback = traceback.format_exc()
+        run.timings = {"total_s": time.perf_counter() - t0}
+        run.finished_at = time.time()
+        record = run.to_dict()
         store.put(record)
         records.append(record)
     ok = sum(r.get("status") == "ok" for r in records)
@@ -94,15 +96,17 @@ def run_ladder_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]
     for row in df.to_dict("records"):
         row = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
         name = f"{row.get('model')}@{row.get('height', row.get('size'))}"
-        record = {"config_hash": config_hash({"experiment": experiment, "row": name, "scaling": dict(sc),
-                                              "device": str(device)}),
-                  "experiment": experiment, "run_name": name, "model": row.get("model"),
-                  "status": "ok" if row.get("status") == "ok" else "failed",
-                  "error": None if row.get("status") == "ok" else row.get("status"),
-                  "profile": {"gmacs": row.get("gmacs"), "latency_ms": row.get("latency_median_ms"),
-                              "peak_mem_mb": row.get("peak_mem_mb")},
-                  "swept": {"size": row.get("height", row.get("size"))}, "ladder_row": row, "environment": env}
-        store.put(record)
+        ok = row.get("status") == "ok"
+        run = RunRecord(config_hash=config_hash({"experiment": experiment, "row": name, "scaling": dict(sc),
+                                                 "device": str(device)}),
+                        experiment=experiment, run_name=name, model=row.get("model"), family=row.get("family"),
+                        status="ok" if ok else "failed", error=None if ok else row.get("status"),
+                        profile={"params": row.get("params"), "gmacs": row.get("gmacs"),
+                                 "latency_ms": row.get("latency_median_ms"), "peak_mem_mb": row.get("peak_mem_mb"),
+                                 "latency_precision": row.get("precision")},
+                        swept={"size": row.get("height", row.get("size"))}, environment=env,
+                        finished_at=time.time(), extra={"ladder_row": row})
+        store.put(run.to_dict())
     out = Path(cfg["report_dir"])
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ladder.csv", index=False)

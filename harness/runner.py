@@ -11,9 +11,6 @@ the run's checkpoint stays, and the next invocation resumes it.
 from __future__ import annotations
 
 import os
-import platform
-import socket
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -21,11 +18,12 @@ from typing import Any, Mapping
 
 import torch
 
-from harness.bench.timing import time_call
 from harness.data import PatchDataset, build_dataset
 from harness.evaluate import evaluate, summarise
+from harness.hardware import configure_threads
 from harness.models import build
-from harness.profile import count_flops, count_params
+from harness.profile import count_flops, count_params, environment, measure_latency, peak_memory
+from harness.record import RunRecord
 from harness.store import Store, config_hash
 from harness.train import TrainSettings, train
 from harness.validate import ConfigError, validate_config
@@ -33,25 +31,6 @@ from harness.validate import ConfigError, validate_config
 # Parts of the config that change a run's result; store paths, logging, reporting do not.
 SEMANTIC_KEYS = ("model", "task", "data", "train", "eval", "profile", "erf", "seed", "checkpoint", "hardware")
 _DEGRADABLE_KINDS = ("embedded", "folder", "benchmark", "list")
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Where and with what a run executed: recorded with every result."""
-    from harness.bench.timing import environment as hw
-
-    env = hw()
-    env.update({"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-                "hostname": socket.gethostname(), "platform": platform.platform(), "git_commit": git_commit()})
-    return env
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,36 +49,49 @@ def _dataset(spec: Mapping[str, Any], task: Mapping[str, Any], seed: int, degrad
     return build_dataset(spec)
 
 
+def _profile_input(shape: Any, meta: Mapping[str, Any], channels: int) -> list[int]:
+    shape = list(shape or meta.get("flops_input") or [1, channels, 256, 256])
+    shape[1] = channels
+    return [int(s) for s in shape]
+
+
 def profile_model(model: torch.nn.Module, cfg: Mapping[str, Any], meta: Mapping[str, Any],
                   device: torch.device) -> dict[str, Any]:
-    """Parameters always; FLOPs (paper convention) and latency when the profile config asks."""
+    """Parameters always; FLOPs (paper convention), latency and peak memory as ``cfg.profile`` asks.
+
+    All three use the profile input (``profile.flops_input``, else the preset's ``meta.flops_input``;
+    ``profile.latency_input`` may set another for latency and memory). Latency and memory go
+    through ``harness.profile`` (``measure_latency``, ``peak_memory``) under
+    ``profile.precision`` ("fp32" = strict, TF32 off), and the flags in force are recorded.
+    """
     prof = cfg["profile"]
     out: dict[str, Any] = {"params": count_params(model)}
     channels = int(meta.get("in_channels", 3))
+    shape = _profile_input(prof.get("flops_input"), meta, channels)
     if prof.get("flops"):
-        shape = list(prof.get("flops_input") or meta.get("flops_input") or [1, channels, 256, 256])
-        shape[1] = channels
         result = count_flops(model, shape)
         out.update({"gmacs": result.gmacs, "flops_input": shape, "flops_by_operator": result.by_operator,
                     "flops_unsupported": {k: int(v) for k, v in result.unsupported.items()},
                     "flops_convention": result.convention, "gmacs_conv_only": result.conv_only / 1e9})
+    timed_shape = _profile_input(prof.get("latency_input"), meta, channels) if prof.get("latency_input") else shape
+    precision = str(prof.get("precision", "fp32"))
     if prof.get("latency"):
-        shape = list(prof.get("latency_input") or [1, channels, 256, 256])
-        shape[1] = channels
-        x = torch.rand(*shape, device=device)
-        model.eval()
-        with torch.no_grad():
-            t = time_call(lambda: model(x), device, warmup=int(prof.get("warmup", 2)),
-                          repeats=int(prof.get("repeats", 5)), min_warmup_s=float(prof.get("min_warmup_s", 0.0)))
+        t = measure_latency(model, timed_shape, device=device, precision=precision,
+                            warmup=int(prof.get("warmup", 2)), repeats=int(prof.get("repeats", 5)),
+                            min_warmup_s=float(prof.get("min_warmup_s", 0.0)),
+                            max_time_s=prof.get("max_time_s"))
         out.update({"latency_ms": t["median_ms"], "latency_p90_ms": t["p90_ms"], "latency_min_ms": t["min_ms"],
-                    "latency_input": shape, "latency_repeats": t["repeats"], "latency_precision": "fp32"})
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            with torch.no_grad():
-                model(x)
-            torch.cuda.synchronize(device)
-            out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            out["peak_mem_method"] = "cuda max_memory_allocated of one forward"
+                    "latency_input": timed_shape, "latency_repeats": t["repeats"], "latency_precision": precision,
+                    "precision_flags": {k: t[k] for k in ("autocast", "tf32_matmul", "tf32_cudnn",
+                                                          "float32_matmul_precision", "cudnn_benchmark")},
+                    "latency_timer": t["timer"]})
+    if prof.get("memory"):
+        mem = peak_memory(model, timed_shape, device=device, precision=precision,
+                          threads=torch.get_num_threads())
+        if mem.get("status") == "oom":
+            raise torch.OutOfMemoryError(f"out of memory measuring peak memory at {timed_shape}: {mem.get('error')}")
+        out.update({"peak_mem_mb": mem["peak_mb"], "peak_mem_method": mem["method"], "peak_mem_input": timed_shape})
+    model.train()
     return out
 
 
@@ -146,16 +138,14 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if cfg["hardware"].get("threads"):
-        torch.set_num_threads(int(cfg["hardware"]["threads"]))
+    threads = configure_threads(cfg["hardware"].get("threads"))
     run_dir = Path(cfg.get("runs_dir", "runs")) / run_hash
-    record: dict[str, Any] = {
-        "config_hash": run_hash, "experiment": experiment, "run_name": run_name or run_hash,
-        "model": model_name or meta.get("preset") or model_cfg.get("_target_", "?").rsplit(".", 1)[-1],
-        "family": meta.get("family"), "task": cfg["task"].get("name"), "seed": cfg["seed"],
-        "swept": dict(swept or {}), "config": semantic, "status": "running", "started_at": time.time(),
-        "run_dir": str(run_dir), "environment": {**environment(device), "world_size": world},
-    }
+    run = RunRecord(
+        config_hash=run_hash, experiment=experiment, run_name=run_name or run_hash,
+        model=model_name or meta.get("preset") or model_cfg.get("_target_", "?").rsplit(".", 1)[-1],
+        family=meta.get("family"), task=cfg["task"].get("name"), seed=cfg["seed"], swept=dict(swept or {}),
+        config=semantic, started_at=time.time(), run_dir=str(run_dir),
+        environment={**environment(device), "world_size": world, "cpu_threads": threads})
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
@@ -164,9 +154,9 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
         if cfg.get("checkpoint"):
             from harness.checkpoints import load_weights
 
-            record["checkpoint"] = load_weights(model, cfg["checkpoint"], strict=True)
+            run.checkpoint = load_weights(model, cfg["checkpoint"], strict=True)
         t = time.perf_counter()
-        record["profile"] = profile_model(model, cfg, meta, device)
+        run.profile = profile_model(model, cfg, meta, device)
         timings["profile_s"] = time.perf_counter() - t
 
         task, data, ev = cfg["task"], cfg["data"], cfg["eval"]
@@ -194,10 +184,10 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
                             validate=validate if val_set is not None and settings.val_every else None,
                             progress=bool(cfg.get("progress", True)))
             timings["train_s"] = time.perf_counter() - t
-            record["train"] = {k: trained[k] for k in ("history", "iters_done", "resumed_from", "time_s", "world_size")
-                               if k in trained}
+            run.train = {k: trained[k] for k in ("history", "iters_done", "resumed_from", "time_s", "world_size")
+                         if k in trained}
             if "replicas_identical" in trained:
-                record["train"]["replicas_identical"] = trained["replicas_identical"]
+                run.train["replicas_identical"] = trained["replicas_identical"]
             if trained["ema"] is not None:
                 model = trained["ema"]
         if ev.get("enabled", True):
@@ -206,31 +196,33 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
             out = evaluate(model, test_set, **eval_kwargs, limit=ev.get("limit"),
                            save_dir=run_dir / "images" if ev.get("save_images") else None)
             timings["eval_s"] = time.perf_counter() - t
-            record["metrics"] = summarise(out["results"])
-            record["input_metrics"] = {m: r.mean for m, r in out["input_results"].items()}
-            record["dataset"] = getattr(test_set, "dataset_name", data["test"].get("kind"))
+            run.metrics = summarise(out["results"])
+            run.input_metrics = {m: r.mean for m, r in out["input_results"].items()}
+            run.dataset = getattr(test_set, "dataset_name", data["test"].get("kind"))
             # one sha256 over the test set's files (None for embedded photos): same digest, same data
-            record["data_digest"] = test_set.digest() if hasattr(test_set, "digest") else None
-            record["nonfinite"] = out["nonfinite"]
+            run.data_digest = test_set.digest() if hasattr(test_set, "digest") else None
+            run.nonfinite = out["nonfinite"]
             if out["nonfinite"]:
                 raise FloatingPointError(f"non-finite model output on {len(out['nonfinite'])} of {out['images']} "
                                          f"images ({out['nonfinite'][:5]}); those images are not in the metrics")
         if cfg.get("erf") and cfg["erf"].get("enabled"):
             from harness.erf_job import erf_for_run
 
-            record["erf"] = erf_for_run(model, cfg["erf"], meta, device, run_dir)
-        record["status"] = "ok"
+            run.erf = erf_for_run(model, cfg["erf"], meta, device, run_dir)
+        run.status = "ok"
     except ConfigError:
         raise
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes a record, the sweep goes on
-        record["status"] = "failed"
-        record["error"] = f"{'out of memory: ' if _is_oom(err) else ''}{type(err).__name__}: {err}"
-        record["traceback"] = traceback.format_exc()
+        run.status = "failed"
+        run.error = f"{'out of memory: ' if _is_oom(err) else ''}{type(err).__name__}: {err}"
+        run.traceback = traceback.format_exc()
     timings["total_s"] = time.perf_counter() - t_start
-    record["timings"] = timings
-    record["finished_at"] = time.time()
+    run.timings = timings
+    run.finished_at = time.time()
+    record = run.to_dict()
     if rank == 0:  # one record per run, written by the first process of a data-parallel group
         store.put(record)
     return record
+

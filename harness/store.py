@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from harness.record import flatten_record
+
 COMPLETE = "ok"
 INDEX_COLUMNS = ("config_hash", "experiment", "model", "status", "finished_at", "path")
 
@@ -152,49 +154,6 @@ class Store:
         return n != sum(1 for _ in self.records_dir.glob("*.json"))
 
     def frame(self, experiment: str | None = None) -> pd.DataFrame:
-        """One row per run with flat result columns (model, params, gflops, psnr, ...)."""
+        """One row per run with flat result columns (``harness.record.flatten_record``)."""
         return pd.DataFrame([flatten_record(r) for r in self.records(experiment)])
 
-
-def flatten_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The columns a results table shows: identity, swept fields, metrics, cost, device, status."""
-    row = {
-        "experiment": record.get("experiment"),
-        "run": record.get("run_name"),
-        "model": record.get("model"),
-        "family": record.get("family"),
-        "task": record.get("task"),
-        "seed": record.get("seed"),
-        "status": record.get("status"),
-        "config_hash": record.get("config_hash"),
-    }
-    # Overrides of this run (e.g. model.heads=16) become columns; "model" is already one.
-    row.update({k: v for k, v in (record.get("swept") or {}).items() if k not in row})
-    profile = record.get("profile") or {}
-    row["params"] = profile.get("params")
-    row["gflops"] = profile.get("gmacs")
-    row["flops_input"] = "x".join(str(s) for s in profile.get("flops_input") or []) or None
-    row["latency_ms"] = profile.get("latency_ms")
-    row["peak_mem_mb"] = profile.get("peak_mem_mb")
-    row["device"] = (record.get("environment") or {}).get("device")
-    for metric, value in (record.get("metrics") or {}).items():
-        row[metric] = value.get("mean") if isinstance(value, Mapping) else value
-    for metric, value in (record.get("input_metrics") or {}).items():
-        row[f"input_{metric}"] = value
-    for t, ratio in ((record.get("erf") or {}).get("area_ratios") or {}).items():
-        row[f"erf_area@{t}"] = ratio
-    official = record.get("official") or {}
-    if official:
-        row["flops_method"] = profile.get("flops_method")
-        row["official_params"] = official.get("params")
-        row["official_gflops"] = official.get("gflops")
-        if official.get("params") is not None and row["params"] is not None:
-            row["params_diff"] = row["params"] - official["params"]
-        if official.get("gflops") and row["gflops"] is not None:
-            row["gflops_diff_pct"] = 100.0 * (row["gflops"] - official["gflops"]) / official["gflops"]
-        if official.get("gflops_conv_only") is not None:
-            row["gflops_conv_only"] = profile.get("gmacs_conv_only")
-            row["official_gflops_conv_only"] = official["gflops_conv_only"]
-    row["train_s"] = (record.get("timings") or {}).get("train_s")
-    row["error"] = record.get("error")
-    return row

@@ -234,3 +234,27 @@ def test_accumulator_over_batches():
     assert r.protocol["protocol"] == "eamamba"
     with pytest.raises(ValueError, match="protocol changed"):
         acc.update(gt[:, :1], gt[:, :1], ["g1", "g2"])
+
+
+def test_metric_registry_drives_the_accumulator():
+    from harness.metrics import METRICS, Metric, get_metric, register_metric
+
+    assert list(METRICS)[:3] == ["psnr", "ssim", "lpips"]
+    assert get_metric("lpips").higher_is_better is False and get_metric("ssim").digits == 4
+    with pytest.raises(ValueError, match="unknown metric 'nope'; known: \\['psnr', 'ssim', 'lpips'"):
+        get_metric("nope")
+    mae = Metric("mae_t", lambda pred, gt, s: (pred - gt).abs().flatten(1).mean(1),
+                 lambda s, channels: {"metric": "mae_t", "channels": channels}, False, "", 4, "MAE")
+    register_metric(mae)
+    try:
+        pred, gt = torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, 3, 4, 4)
+        pred[1] = 0.25
+        acc = MetricAccumulator(("psnr", "mae_t"))
+        acc.update(pred, gt, ["a", "b"])
+        res = acc.results()
+        assert res["mae_t"].values == [0.5, 0.25] and res["mae_t"].protocol == {"metric": "mae_t", "channels": 3}
+        assert res["psnr"].values == pytest.approx([20 * math.log10(1 / 0.5), 20 * math.log10(1 / 0.25)], abs=0.05)
+        with pytest.raises(ValueError, match="already registered"):
+            register_metric(mae)
+    finally:
+        del METRICS["mae_t"]

@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 
 import harness.models as hm
-from harness.bench.timing import environment, time_call
+from harness.profile.environment import environment
+from harness.profile.timing import time_call
 from harness.profile import count_flops
-from harness.profile.ladder import estimate_memory_mb, markdown_table, plot_ladder, resolution_ladder
+from harness.profile.ladder import estimate_memory_mb, plot_ladder, resolution_ladder
+from harness.report.markdown import markdown_table
 from harness.profile.latency import measure_latency
 from harness.profile.memory import is_oom, peak_memory
 
@@ -180,7 +182,7 @@ def test_ladder_records_errors_and_oom_and_goes_on(tmp_path):
         path = plot_ladder(df, tmp_path / f"{metric}.png", metric)
         assert (tmp_path / f"{metric}.png").stat().st_size > 10_000, path
     md = markdown_table(df, ["model", "height", "status", "latency_median_ms", "gmacs"])
-    assert md.count("\n") == 13 and "| oom |" in md
+    assert md.count("\n") == 14 and "| oom |" in md  # header, rule and 12 rows, each ending its line
 
 
 def test_ladder_memory_cap_is_an_oom_row_and_nothing_runs():

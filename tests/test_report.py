@@ -50,8 +50,15 @@ def test_report_files_tables_and_seed_statistics(tmp_path):
     assert "\\begin{tabular}" in (out / "table.tex").read_text()
     seeds = (out / "table_seeds.md").read_text()
     assert "model=a" in seeds and "31.1667 ± 0.2357" in seeds  # mean of 31 and 31.333; std of the pair
+    # Runs are labelled by the swept values that differ (the model by its name); columns equal in
+    # every row (params, device) leave the table for one "Every run" line.
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == "| run | GFLOPs (MACs) | PSNR | ΔPSNR vs ref [95% CI] | status |"
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| b, seed=0", "| b, seed=1", "| a, seed=0",
+                                                             "| a, seed=1", "| c, seed=0"]
     report = (out / "report.md").read_text()
-    assert "**failed** `model=c,seed=0`: RuntimeError: boom" in report
+    assert "Every run: params (M) 0.001, device cpu." in report
+    assert "**failed** `c, seed=0`: RuntimeError: boom" in report
     assert "Degraded input (denoise_gauss25, same images and protocol; bicubic upscaling for SR): " \
            "PSNR 20.17, SSIM 0.4123." in report
     assert (out / "figures" / "psnr_vs_gflops.png").stat().st_size > 1000

@@ -94,6 +94,14 @@ def test_job_records_skips_and_resumes(tmp_path):
     # to [0, 1] for the metric can only raise it.
     assert 20.1 < rec["input_metrics"]["psnr"] < 21.0 and 0 < rec["input_metrics"]["ssim"] < 1
     assert rec["environment"]["torch"] == torch.__version__
+    # Latency and peak memory are measured for every run, through harness.profile, at the profile input,
+    # with the precision flags that were in force; the thread choice is recorded.
+    prof = rec["profile"]
+    assert prof["latency_ms"] > 0 and prof["latency_input"] == [1, 3, 32, 32] and prof["latency_repeats"] >= 3
+    assert prof["latency_precision"] == "fp32" and prof["precision_flags"]["float32_matmul_precision"] == "highest"
+    assert prof["peak_mem_mb"] > 0 and prof["peak_mem_method"].endswith("vmhwm")
+    threads = rec["environment"]["cpu_threads"]
+    assert 1 <= threads["threads"] <= threads["available_cores"] and threads["threads"] == rec["environment"]["threads"]
     stored = json.loads(Path(tmp_path / "store" / "records" / f"{rec['config_hash']}.json").read_text())
     assert stored["status"] == "ok" and stored["metrics"]["psnr"]["values"] == psnr["values"]
     # Same config again: skipped, nothing re-run.
@@ -104,6 +112,63 @@ def test_job_records_skips_and_resumes(tmp_path):
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
     df = Store(cfg["store_dir"]).frame("t")
     assert list(df["status"]) == ["ok"] and df["psnr"].iloc[0] == pytest.approx(psnr["mean"])
+    assert df["latency_ms"].iloc[0] == prof["latency_ms"] and df["peak_mem_mb"].iloc[0] == prof["peak_mem_mb"]
+    assert df["gflops"].iloc[0] == prof["gmacs"]
+
+
+def test_records_of_every_version_load_and_flatten():
+    from harness.record import RunRecord, flatten_record
+
+    # A record as the quickstart stored it before the record schema (values from reports/quickstart).
+    old = {"config_hash": "80cc4777ba1f6c35", "experiment": "quickstart", "run_name": "model=eamamba_tiny",
+           "model": "eamamba_tiny", "family": "eamamba", "task": "denoise_gauss25", "seed": 0, "status": "ok",
+           "swept": {"model": "eamamba_tiny"}, "profile": {"params": 1961448, "gmacs": 10.404900708,
+                                                          "flops_input": [1, 3, 256, 256]},
+           "metrics": {"psnr": {"mean": 29.01849256223691}}, "environment": {"device": "cpu", "threads": "2"},
+           "ladder_row": {"model": "x"}}
+    rec = RunRecord.from_dict(old)
+    assert rec.profile["gmacs"] == 10.404900708 and rec.extra == {"ladder_row": {"model": "x"}}
+    assert rec.to_dict() == old
+    row = flatten_record(old)
+    assert row["gflops"] == 10.404900708 and row["params"] == 1961448 and row["flops_input"] == "1x3x256x256"
+    assert row["latency_ms"] is None and row["peak_mem_mb"] is None and row["psnr"] == 29.01849256223691
+    assert "model" not in [k for k in row if k.startswith("swept")] and list(row).count("model") == 1
+    with pytest.raises(ValueError, match="config_hash"):
+        RunRecord.from_dict({"experiment": "x"})
+
+
+def test_job_kinds_are_a_registry():
+    from harness.jobs import JOB_KINDS, JobIdentity, register_job, resolve_job, run_job_kind
+
+    assert {"run", "efficiency", "ladder"} <= set(JOB_KINDS)
+    with pytest.raises(ValueError, match="unknown job kind job='nope'; valid: run, efficiency, ladder"):
+        resolve_job("nope")
+    register_job("echo_t", f"{__name__}:_echo_job")
+    try:
+        identity = JobIdentity("exp", "dncnn_tiny", {"model": "dncnn_tiny", "seed": "1"})
+        out = run_job_kind("echo_t", {"a": 1}, identity)
+        # Only the identity fields the function declares are passed.
+        assert out == {"cfg": {"a": 1}, "experiment": "exp", "swept": {"model": "dncnn_tiny", "seed": "1"},
+                       "run_name": "model=dncnn_tiny,seed=1"}
+        with pytest.raises(ValueError, match="already registered"):
+            register_job("echo_t", "elsewhere:fn")
+    finally:
+        del JOB_KINDS["echo_t"]
+
+
+def _echo_job(cfg, *, experiment, swept=None, run_name=None):
+    return {"cfg": cfg, "experiment": experiment, "swept": swept, "run_name": run_name}
+
+
+def test_thread_choice():
+    from harness.hardware import available_cores, choose_threads
+
+    assert choose_threads(1)["threads"] == 1 and choose_threads(1)["rule"] == "set in the config"
+    auto = choose_threads(None, sample_s=0.05)
+    assert 1 <= auto["threads"] <= available_cores() == auto["available_cores"]
+    assert auto["busy_cores"] is None or 0 <= auto["busy_cores"] <= available_cores() + 1e-6
+    with pytest.raises(ValueError, match="hardware.threads must be a positive integer"):
+        choose_threads("many")
 
 
 def test_exact_resume_matches_uninterrupted(tmp_path):

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.bench.timing import environment, time_call
+from harness.profile.environment import environment
+from harness.profile.timing import time_call
 from harness.models import registry
-from harness.profile.ladder import markdown_table
+from harness.report.markdown import markdown_table
 
 # (in, out, side): EAMamba's SimpleGate mixer (dim 64, expansion 2) at its four levels, and the
 # wider decoder / refinement blocks at full resolution

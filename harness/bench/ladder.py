@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from harness.profile.ladder import MEASURES, markdown_table, plot_ladder, resolution_ladder
+from harness.profile.ladder import MEASURES, plot_ladder, resolution_ladder
+from harness.report.markdown import markdown_table
 
 TABLE_COLUMNS = ["model", "height", "width", "status", "latency_median_ms", "latency_p90_ms", "latency_min_ms",
                  "repeats", "peak_mem_mb", "gmacs", "params"]

@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 
 from harness.bench.ladder import add_common_arguments, apply_common_arguments, parse_overrides, parse_size
-from harness.profile.ladder import markdown_table, plot_ladder, resolution_ladder
+from harness.profile.ladder import plot_ladder, resolution_ladder
+from harness.report.markdown import markdown_table
 
 DEFAULT_PRESETS = ["eamamba", "restormer", "mambairunet_realdn", "nafnet_sidd_w32", "dncnn_color20",
                    "mambair_colordn", "swinir_colordn", "eamamba_sr_x4"]

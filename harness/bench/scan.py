@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import harness.models as hm
-from harness.bench.timing import environment, time_call
+from harness.profile.environment import environment
+from harness.profile.timing import time_call
 from harness.ops import scan_backends, selective_scan, use_backend
 
 SHAPES = [(64, 65536), (128, 65536), (128, 16384), (256, 4096), (512, 1024)]

@@ -4,7 +4,7 @@
 Both functions return a float64 tensor ``(N,)``: one value per image, never a batch mean, so
 per-image values can be kept for paired statistics.
 
-Protocols (see ``shared/spec/protocols.md``; the record of each is :func:`protocol_record`):
+Protocols (README.md, "Measurement protocols"; the record of each is :func:`protocol_record`):
 
 ``"basicsr"`` (the field's reference, ``basicsr/metrics/psnr_ssim.py``)
     clamp to [0, 1], x255, round to integers (computed in float32 like BasicSR's ``tensor2img``),

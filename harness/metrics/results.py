@@ -24,10 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .fidelity import protocol_record, psnr, ssim
-from .perceptual import lpips, lpips_protocol
-
-METRICS = ("psnr", "ssim", "lpips")
+from .registry import METRICS, get_metric
 
 
 @dataclass
@@ -66,22 +63,8 @@ class MetricResult:
 def metric_protocol(metric: str, *, protocol: str = "basicsr", crop_border: int = 0, y_channel: bool = False,
                     lpips_net: str = "alex", channels: int | None = None) -> dict[str, Any]:
     """Protocol record for ``metric`` under the given settings."""
-    if metric == "lpips":
-        return lpips_protocol(lpips_net)
-    if metric in ("psnr", "ssim"):
-        return protocol_record(metric, protocol=protocol, y_channel=y_channel, crop_border=crop_border,
-                               channels=channels)
-    raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
-
-
-def _compute(metric: str, pred, gt, protocol, crop_border, y_channel, lpips_net) -> torch.Tensor:
-    if metric == "psnr":
-        return psnr(pred, gt, crop_border=crop_border, y_channel=y_channel, protocol=protocol)
-    if metric == "ssim":
-        return ssim(pred, gt, crop_border=crop_border, y_channel=y_channel, protocol=protocol)
-    if metric == "lpips":
-        return lpips(pred, gt, net=lpips_net)
-    raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
+    settings = dict(protocol=protocol, crop_border=crop_border, y_channel=y_channel, lpips_net=lpips_net)
+    return get_metric(metric).protocol(settings, channels)
 
 
 def evaluate_pair_batch(pred: torch.Tensor, gt: torch.Tensor, *, metrics: Sequence[str] = ("psnr", "ssim"),
@@ -95,10 +78,11 @@ def evaluate_pair_batch(pred: torch.Tensor, gt: torch.Tensor, *, metrics: Sequen
     if len(names) != n:
         raise ValueError(f"{len(names)} names for a batch of {n}")
     out = {}
+    settings = dict(protocol=protocol, crop_border=crop_border, y_channel=y_channel, lpips_net=lpips_net)
     for m in metrics:
-        vals = _compute(m, pred, gt, protocol, crop_border, y_channel, lpips_net)
-        rec = metric_protocol(m, protocol=protocol, crop_border=crop_border, y_channel=y_channel,
-                              lpips_net=lpips_net, channels=pred.shape[1])
+        metric = get_metric(m)
+        vals = metric.score(pred, gt, settings)
+        rec = metric.protocol(settings, pred.shape[1])
         out[m] = MetricResult(metric=m, protocol=rec)
         out[m].extend(vals.tolist(), names)
     return out
@@ -111,7 +95,7 @@ class MetricAccumulator:
                  crop_border: int = 0, y_channel: bool = False, lpips_net: str = "alex") -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {METRICS}")
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(METRICS)}")
         self.metrics = tuple(metrics)
         self.settings = dict(protocol=protocol, crop_border=crop_border, y_channel=y_channel, lpips_net=lpips_net)
         self._results: dict[str, MetricResult] = {}

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from harness.bench.timing import environment, hardware_caption
+from harness.profile.environment import environment, hardware_caption
 from harness.profile.flops import count_flops, count_params
 from harness.profile.latency import measure_latency, resolve_model
 from harness.profile.memory import is_oom, peak_memory
@@ -326,32 +326,3 @@ def plot_ladder(df: pd.DataFrame, path, metric: str = "latency", *, caption: str
     plt.close(fig)
     return str(path)
 
-
-def _fmt(value, digits: int) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}" if abs(int(value)) >= 10000 else str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if v == int(v) and (abs(v) >= 1e4 or digits == 0):
-            return f"{int(v):,}" if abs(v) >= 1e4 else str(int(v))
-        return f"{v:.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:.2e}"
-    text = str(value).replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def markdown_table(df: pd.DataFrame, columns: Sequence[str] | None = None, digits: int | Mapping[str, int] = 2) -> str:
-    """A GitHub Markdown table of ``df`` (no extra dependency); NaN shows as "–"."""
-    columns = [c for c in (columns or list(df.columns)) if c in df.columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for _, row in df.iterrows():
-        cells = []
-        for c in columns:
-            d = digits.get(c, 2) if isinstance(digits, Mapping) else digits
-            v = row[c]
-            cells.append(_fmt(None if (isinstance(v, float) and math.isnan(v)) else v, d))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

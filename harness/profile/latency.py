@@ -1,4 +1,4 @@
-"""Forward-pass latency per the measurement protocol (``shared/spec/protocols.md``, "Latency").
+"""Forward-pass latency per the measurement protocol (README.md, "Measurement protocols": latency).
 
 Protocol: warm up (at least ``warmup`` calls and ``min_warmup_s`` seconds, capped at
 ``max_warmup_s`` once one call is done: the protocol's ">= 10 calls or >= 1 s" always holds),
@@ -13,7 +13,7 @@ restored afterwards), ``"tf32"`` turns TF32 on (CUDA only), ``"bf16"`` runs the 
 ``torch.autocast(dtype=torch.bfloat16)`` on the model's device type (TF32 off), and
 ``"default"`` leaves PyTorch's flags as they are (out of the box: TF32 allowed in cuDNN
 convolutions, not in matmuls), which is how release code is usually timed. The flags in force
-are recorded with every result (``tf32_matmul``, ``tf32_cudnn``).
+are recorded with every result (``tf32_matmul``, ``tf32_cudnn``, ``float32_matmul_precision``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from harness.bench.timing import environment, time_call
+from harness.profile.environment import environment, precision_flags
+from harness.profile.timing import time_call
 
 PRECISIONS = ("fp32", "bf16", "tf32", "default")
 
@@ -118,25 +119,20 @@ def _graph_forward(model: nn.Module, x: torch.Tensor, precision: str, device: to
 
 
 def run_info(model: nn.Module, device: torch.device, input_shape: Sequence[int]) -> dict[str, Any]:
-    """Environment and input facts recorded with every measurement."""
+    """The input's facts and the environment (``harness.profile.environment``) of one measurement."""
     env = environment(device)
-    info: dict[str, Any] = {
+    cuda = device.type == "cuda"
+    return {
         "batch_size": int(input_shape[0]),
         "input_shape": "x".join(str(int(s)) for s in input_shape),
         "input_size": f"{int(input_shape[-2])}x{int(input_shape[-1])}",
         "pixels": int(input_shape[-2]) * int(input_shape[-1]),
         "device": str(device),
-        "device_name": env.get("gpu", env["cpu"]) if device.type == "cuda" else env["cpu"],
-        "driver": env.get("driver") if device.type == "cuda" else None,
-        "torch": env["torch"],
-        "cuda": env.get("cuda") if device.type == "cuda" else None,
-        "cudnn": env.get("cudnn") if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-        "python": env["python"],
-        "cpu": env["cpu"],
+        "device_name": env["device"] if cuda else env["cpu"],
+        **{k: env.get(k) if cuda else None for k in ("driver", "cuda", "cudnn")},
+        **{k: env[k] for k in ("torch", "threads", "omp_wait_policy", "python", "cpu")},
         "scan_backend": scan_backends_of(model, device),
     }
-    return info
 
 
 def measure_latency(model: nn.Module | str, input_shape: Sequence[int], *, device: str | torch.device = "cpu",
@@ -155,8 +151,8 @@ def measure_latency(model: nn.Module | str, input_shape: Sequence[int], *, devic
 
     Returns a dict: median_ms, p90_ms, min_ms, mean_ms, repeats, warmup_calls, warmup_s,
     first_call_ms (recorded, never part of the statistics), timer, wall_median_ms (CUDA),
-    output_shape, the knobs (precision, tf32_matmul, tf32_cudnn, channels_last, compile,
-    cuda_graphs, cudnn_benchmark) and the environment (see ``run_info``).
+    output_shape, the knobs (precision, autocast, tf32_matmul, tf32_cudnn, float32_matmul_precision,
+    channels_last, compile, cuda_graphs, cudnn_benchmark) and the environment (see ``run_info``).
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -173,7 +169,7 @@ def measure_latency(model: nn.Module | str, input_shape: Sequence[int], *, devic
         module = _prepare(module, device, channels_last, compile)
         x = make_input(input_shape, device, channels_last, seed)
         with precision_context(precision, device):
-            tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            flags = precision_flags("bfloat16" if precision == "bf16" else None)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         def forward():
@@ -203,9 +199,10 @@ def measure_latency(model: nn.Module | str, input_shape: Sequence[int], *, devic
                                   "output_shape": "x".join(str(s) for s in out.shape)}
         result.update({
             "precision": precision,
-            "autocast": "bfloat16" if precision == "bf16" else None,
-            "tf32_matmul": tf32[0] if device.type == "cuda" else None,
-            "tf32_cudnn": tf32[1] if device.type == "cuda" else None,
+            "autocast": flags["autocast"],
+            "tf32_matmul": flags["tf32_matmul"] if device.type == "cuda" else None,
+            "tf32_cudnn": flags["tf32_cudnn"] if device.type == "cuda" else None,
+            "float32_matmul_precision": flags["float32_matmul_precision"],
             "channels_last": bool(channels_last),
             "compile": compile if isinstance(compile, str) else bool(compile),
             "cuda_graphs": bool(cuda_graphs),

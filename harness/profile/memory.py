@@ -1,4 +1,4 @@
-"""Peak memory of one inference forward pass (``shared/spec/protocols.md``, "Latency and memory").
+"""Peak memory of one inference forward pass (README.md, "Measurement protocols": latency and memory).
 
 - CUDA (``method="cuda_max_memory_allocated"``): one untimed warm-up forward, then
   ``reset_peak_memory_stats`` -> forward -> ``max_memory_allocated``. ``peak_mb`` is the

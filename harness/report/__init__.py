@@ -16,45 +16,50 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from harness.metrics import METRICS
+from harness.record import COST_COLUMNS, TABLE_LABELS, flatten_record
+from harness.report.markdown import format_cell, latex_table, markdown_table
 from harness.report.stats import paired_bootstrap
 from harness.store import Store
 
 log = logging.getLogger("eabench.report")
 
-IDENTITY = ("experiment", "run", "model", "family", "task", "seed", "status", "config_hash", "flops_method",
-            "official_params", "official_gflops", "params_diff", "gflops_diff_pct", "gflops_conv_only",
-            "official_gflops_conv_only")
-COST = ("params", "gflops", "flops_input", "latency_ms", "peak_mem_mb", "device")
-METRIC_COLS = ("psnr", "ssim", "lpips")
+# Table digits by header: params in millions, metrics as their registry says, everything else 2.
+DIGITS = {TABLE_LABELS["params"]: 3, **{m.label: m.digits for m in METRICS.values()}}
+# Columns of results.csv a table shows, in order (after the run label), with their headers.
+TABLE_COLUMNS = ("params", "gflops", *METRICS, "latency_ms", "peak_mem_mb", "device", "threads")
 
 
-def _swept_columns(df: pd.DataFrame) -> list[str]:
-    """Columns that came from a run's overrides (e.g. ``model.heads``), in first-seen order."""
-    known = set(IDENTITY) | set(COST) | set(METRIC_COLS) | {"run", "train_s", "error", "psnr_delta"}
-    return [c for c in df.columns if c not in known and not c.startswith(("erf_area@", "input_"))]
+def run_labels(records: list[dict]) -> list[str]:
+    """Each run named by the swept values that differ between the runs (the model's name alone
+    when it is the only one), e.g. "eamamba_tiny" or "model.heads=4"; the model when none differ."""
+    swept = [dict(r.get("swept") or {}) for r in records]
+    keys = list(dict.fromkeys(k for s in swept for k in s))
+    varying = [k for k in keys if len({str(s.get(k)) for s in swept}) > 1]
+    labels = []
+    for r, s in zip(records, swept):
+        parts = [str(s[k]) if k == "model" else f"{k}={s[k]}" for k in varying if k in s]
+        labels.append(", ".join(parts) or str(r.get("model") or r.get("run_name")))
+    return labels
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _header(column: str) -> str:
+    return METRICS[column].label if column in METRICS else TABLE_LABELS.get(column, column)
 
 
-def results_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Paper-style table: run, swept fields, params (M), GFLOPs, metrics, latency, status."""
-    swept = _swept_columns(df)
-    table = pd.DataFrame({"run": df["run"]})
-    for c in swept:
-        table[c] = df[c]
-    table["params (M)"] = df["params"].map(lambda v: v / 1e6 if pd.notna(v) else None)
-    table["GFLOPs (MACs)"] = df["gflops"]
-    for m in METRIC_COLS:
-        if m in df:
-            table[m.upper() if m != "lpips" else "LPIPS"] = df[m]
-    if "latency_ms" in df and df["latency_ms"].notna().any():
-        table["latency (ms)"] = df["latency_ms"]
+def results_table(df: pd.DataFrame, labels: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Paper-style table and the values every row shares (left out of the table).
+
+    One row per run, labelled by its swept values (``run_labels``), then params (M), GFLOPs
+    (multiply-adds), the registered metrics, latency, peak memory, device, ΔPSNR and, for
+    paper_efficiency, the official figures. With two rows or more a column whose value is the
+    same in every row is returned in the second value instead; an empty column is dropped.
+    """
+    table = pd.DataFrame({"run": labels if labels is not None else df["run"]})
+    for c in TABLE_COLUMNS:
+        if c in df:
+            values = df[c].map(lambda v: v / 1e6 if pd.notna(v) else None) if c == "params" else df[c]
+            table[_header(c)] = values
     for c in [c for c in df.columns if c.startswith("erf_area@")]:
         table[c.replace("erf_area@", "ERF area ratio @")] = df[c]
     if "psnr_delta" in df:
@@ -69,29 +74,39 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
             table["official conv-only"] = df["official_gflops_conv_only"]
         table["FLOPs method"] = df.get("flops_method")
     table["status"] = df["status"]
-    return table
+    shared: dict[str, Any] = {}
+    for col in list(table.columns[1:]):
+        values = table[col]
+        if not values.notna().any():
+            table = table.drop(columns=col)
+        elif len(table) > 1 and values.notna().all() and values.astype(str).nunique() == 1:
+            shared[col] = values.iloc[0]
+            table = table.drop(columns=col)
+    return table, shared
+
+
+def shared_line(shared: dict[str, Any]) -> str:
+    """"Every run: device cpu, status ok" for the columns ``results_table`` left out."""
+    if not shared:
+        return ""
+    return "Every run: " + ", ".join(f"{k} {format_cell(v, DIGITS.get(k, 2))}" for k, v in shared.items()) + "."
+
+
+def units_line(df: pd.DataFrame) -> str:
+    """The units of the cost columns present in ``df`` (from ``harness.record.COST_COLUMNS``)."""
+    units = [f"{c.name} {c.unit}" for c in COST_COLUMNS if c.unit and c.name in df and df[c.name].notna().any()]
+    return ("Units in results.csv: " + "; ".join(units) + " (gflops: the papers' \"GFLOPs\", fvcore "
+            "multiply-adds).") if units else ""
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    cols = list(table.columns)
-    digits = {"SSIM": 4, "LPIPS": 4, "params (M)": 3}
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c], digits.get(c, 2)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    """A report table as Markdown (``harness.report.markdown``) with the report's digits."""
+    return markdown_table(table, digits=DIGITS)
 
 
 def to_latex(table: pd.DataFrame, caption: str) -> str:
-    cols = list(table.columns)
-    digits = {"SSIM": 4, "LPIPS": 4, "params (M)": 3}
-    esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("Δ", r"$\Delta$")  # noqa: E731
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}",
-             r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule", " & ".join(esc(c) for c in cols) + r" \\",
-             r"\midrule"]
-    for _, row in table.iterrows():
-        lines.append(" & ".join(esc(_fmt(row[c], digits.get(c, 2))) for c in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    """A report table as LaTeX with the report's digits."""
+    return latex_table(table, caption, digits=DIGITS)
 
 
 def add_paired_statistics(df: pd.DataFrame, records: list[dict], reference: str | None = None) -> pd.DataFrame:
@@ -129,7 +144,7 @@ def seed_summary(df: pd.DataFrame, records: list[dict]) -> pd.DataFrame | None:
     frame = frame[frame["status"] == "ok"]
     if frame.empty or frame.groupby("configuration").size().max() < 2:
         return None
-    metrics = [m for m in METRIC_COLS if m in frame and frame[m].notna().any()]
+    metrics = [m for m in METRICS if m in frame and frame[m].notna().any()]
     rows = []
     for conf, grp in frame.groupby("configuration", sort=False):
         row = {"configuration": conf, "seeds": len(grp)}
@@ -159,7 +174,7 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for _, row in ok.iterrows():
             ax.scatter(row["gflops"], row["psnr"], s=40 + 400 * (row["params"] or 0) / max(1, ok["params"].max()))
-            ax.annotate(str(row["run"]), (row["gflops"], row["psnr"]), fontsize=7, xytext=(3, 3),
+            ax.annotate(str(row["label"]), (row["gflops"], row["psnr"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ax.set_xlabel("GFLOPs (multiply-adds, fvcore convention) at the profile input")
         ax.set_ylabel("PSNR (dB)")
@@ -170,19 +185,19 @@ def _figures(df: pd.DataFrame, fig_dir: Path, caption: str) -> list[tuple[str, s
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         ax.scatter(ok["latency_ms"], ok["psnr"])
         for _, row in ok.iterrows():
-            ax.annotate(str(row["run"]), (row["latency_ms"], row["psnr"]), fontsize=7)
+            ax.annotate(str(row["label"]), (row["latency_ms"], row["psnr"]), fontsize=7)
         ax.set_xlabel("latency (ms, median)")
         ax.set_ylabel("PSNR (dB)")
         ax.grid(alpha=0.3)
         save(fig, "psnr_vs_latency.png", "PSNR against measured latency.")
-    for metric, unit in (("psnr", "dB"), ("gflops", "GMACs"), ("params", "parameters")):
+    for metric, unit in (("psnr", "dB"), ("gflops", "1e9 multiply-adds"), ("params", "parameters")):
         if metric not in df or not df[metric].notna().any():
             continue
         fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(df) + 2), 4))
         values = df[metric].astype(float)
         colors = ["tab:blue" if s == "ok" else "tab:red" for s in df["status"]]
         ax.bar(range(len(df)), values.fillna(0), color=colors)
-        ax.set_xticks(range(len(df)), [str(r) for r in df["run"]], rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(range(len(df)), [str(r) for r in df["label"]], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(f"{metric} ({unit})")
         if metric == "psnr" and values.notna().any():
             lo = np.nanmin(values)
@@ -219,13 +234,14 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
     if not records:
         (out / "report.md").write_text(f"# {experiment}\n\nNo runs recorded in {store_dir}.\n")
         return out
-    df = pd.DataFrame([_flat(r) for r in records])
+    df = pd.DataFrame([flatten_record(r) for r in records])
     df = add_paired_statistics(df, records, reference)
+    df.insert(2, "label", run_labels(records))
     df.to_csv(out / "results.csv", index=False)
     env = records[-1].get("environment") or {}
     protocol = _protocol_line(records)
     caption = f"{experiment}: {protocol}; {env.get('device', '?')} ({env.get('cpu', '')}), torch {env.get('torch', '?')}"
-    table = results_table(df)
+    table, shared = results_table(df, list(df["label"]))
     (out / "table.md").write_text(to_markdown(table))
     (out / "table.tex").write_text(to_latex(table, caption))
     figures = _figures(df, out / "figures", caption) + _erf_figure(records, out / "figures", caption)
@@ -234,7 +250,8 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
         (out / "table_seeds.md").write_text(to_markdown(seeds))
     lines = [f"# Report: {experiment}", "", f"{len(df)} runs ({int((df['status'] == 'ok').sum())} ok, "
              f"{int((df['status'] != 'ok').sum())} failed). Protocol: {protocol}.", "",
-             f"Environment: {env}", "", to_markdown(table), ""]
+             f"Environment: {env}", "", shared_line(shared), "", to_markdown(table), ""]
+    lines += [units_line(df), ""]
     lines += _input_lines(df)
     if "psnr_delta" in df:
         lines += ["ΔPSNR: paired per-image difference to the reference run (first listed), mean and bootstrap "
@@ -243,7 +260,7 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
         lines += ["## Over seeds", "", to_markdown(seeds), ""]
     failed = df[df["status"] != "ok"]
     for _, row in failed.iterrows():
-        lines.append(f"- **failed** `{row['run']}`: {row.get('error')}")
+        lines.append(f"- **failed** `{row['label']}`: {row.get('error')}")
     for name, text in figures:
         lines += ["", f"![{text}](figures/{name})", "", f"*{text} {caption}*"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -258,16 +275,10 @@ def _input_lines(df: pd.DataFrame) -> list[str]:
         return []
     lines = []
     for task, group in df[df[cols].notna().any(axis=1)].groupby(df["task"].fillna("?")):
-        values = ", ".join(f"{c[len('input_'):].upper()} {_fmt(group[c].iloc[0], 4 if 'psnr' not in c else 2)}"
+        values = ", ".join(f"{c[len('input_'):].upper()} {format_cell(group[c].iloc[0], 4 if 'psnr' not in c else 2)}"
                            for c in cols if group[c].notna().any())
         lines.append(f"Degraded input ({task}, same images and protocol; bicubic upscaling for SR): {values}.")
     return lines + [""] if lines else []
-
-
-def _flat(record: dict) -> dict:
-    from harness.store import flatten_record
-
-    return flatten_record(record)
 
 
 def _protocol_line(records: list[dict]) -> str:

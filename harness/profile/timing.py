@@ -1,7 +1,11 @@
-"""Timing helpers for CPU/CUDA benchmarks: warm-up, synchronisation, repeats, medians, environment.
+"""The one timing loop of the harness: warm-up, synchronisation, repeats, median / p90 / min.
 
-``time_call`` keeps its original behaviour by default (wall clock, synchronising on CUDA, warm-up of
-at least ``warmup`` calls *and* ``min_warmup_s`` seconds). Keyword options added later:
+Used by ``harness.profile.latency`` (and through it the runner and the ladder) and by the
+benchmark scripts in ``harness/bench``; what ran where is recorded by
+``harness.profile.environment``.
+
+``time_call``: wall clock by default (synchronising on CUDA), warm-up of at least ``warmup`` calls
+*and* ``min_warmup_s`` seconds; the first call is never timed. Options:
 
 - ``timer="cuda_event"``: time each call with a pair of CUDA events on the current stream (the
   protocol's preferred CUDA timer); the wall-clock median is returned beside it as ``wall_median_ms``;
@@ -10,18 +14,12 @@ at least ``warmup`` calls *and* ``min_warmup_s`` seconds). Keyword options added
   *or* >= 1 s; with ``max_warmup_s >= min_warmup_s`` one of the two always holds);
 - ``max_time_s``: stop repeating after this many seconds of timed calls (at least ``min_repeats``);
 - ``return_times=True``: include every timed call (ms) as ``times_ms``.
-The first call is never timed: it is always part of the warm-up.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import time
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -85,73 +83,3 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu", warm
     if return_times:
         result["times_ms"] = raw
     return result
-
-
-@lru_cache(maxsize=1)
-def nvidia_driver() -> str | None:
-    """The NVIDIA driver version from ``nvidia-smi`` (None when there is no such tool)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    return lines[0] if out.returncode == 0 and lines else None
-
-
-def _cpu_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return cpu
-
-
-def environment(device: torch.device | str | None = None) -> dict[str, str]:
-    """Hardware and software facts to print beside every figure.
-
-    Always: cpu, threads, torch, python (the original keys), plus logical CPU count, OS, numpy.
-    With CUDA: gpu (name), cuda, cudnn, driver (nvidia-smi), gpu memory, cudnn.benchmark and the
-    TF32 flags. ``device`` picks which GPU is described (default: the current one).
-    """
-    env = {"cpu": _cpu_name(), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-           "python": platform.python_version()}
-    env["cpu_count"] = str(os.cpu_count())
-    env["os"] = f"{platform.system()} {platform.release()}"
-    try:
-        import numpy
-
-        env["numpy"] = numpy.__version__
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    if torch.cuda.is_available():
-        dev = torch.device(device) if device is not None else torch.device("cuda")
-        index = dev.index if dev.type == "cuda" and dev.index is not None else torch.cuda.current_device()
-        env["gpu"] = torch.cuda.get_device_name(index)
-        env["cuda"] = str(torch.version.cuda)
-        props = torch.cuda.get_device_properties(index)
-        env["gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
-        env["gpu_count"] = str(torch.cuda.device_count())
-        env["cudnn"] = str(torch.backends.cudnn.version())
-        env["cudnn_benchmark"] = str(torch.backends.cudnn.benchmark)
-        env["tf32_matmul"] = str(torch.backends.cuda.matmul.allow_tf32)
-        env["tf32_cudnn"] = str(torch.backends.cudnn.allow_tf32)
-        driver = nvidia_driver()
-        if driver:
-            env["driver"] = driver
-    return env
-
-
-def hardware_caption(env: dict[str, str], device: torch.device | str = "cpu") -> str:
-    """One line naming the hardware and software behind a figure."""
-    device = torch.device(device)
-    if device.type == "cuda" and "gpu" in env:
-        hw = f"{env['gpu']} (driver {env.get('driver', '?')}, CUDA {env.get('cuda', '?')})"
-    else:
-        hw = f"{env['cpu']}, {env['threads']} threads"
-    return f"{hw}; torch {env['torch']}, Python {env['python']}"
