@@ -18,19 +18,19 @@ Token routing (what the released forward does, and what this module reproduces):
   is added to the scan's C. The tokens are sorted by class (``torch.sort(stable=False)``),
   scanned in that order, and put back. As released, the prompt is added in raster order while
   the scan runs in sorted order (position t of the scan gets the prompt of raster token t).
-- Ties inside a class are ordered by ``torch.sort``'s unstable algorithm: deterministic for a
-  given input on a given device and PyTorch build, but not the same on CPU and GPU.
+- Ties inside a class are ordered by ``torch.sort``'s unstable algorithm: on the CPU a fixed
+  function of its input (for one PyTorch build), not raster order, and not necessarily the order
+  a GPU sort gives.
 
 Determinism: with the defaults (``routing_noise=True, stable_sort=False``) outputs equal the
 release's, draw for draw: this module consumes the RNG exactly as the release does (one
 exponential draw of shape (B, H·W, num_tokens) per layer, in layer order), so
 ``torch.manual_seed(s)`` before a forward gives the release's output under the same seed.
-Without a seed, two eval forwards differ (by a few 1e-3 on the tiny preset). For a
-deterministic model set ``routing_noise=False``: in eval, each token takes the argmax of its
+Without a seed, two eval forwards of the same input differ. For a deterministic model set ``routing_noise=False``: in eval, each token takes the argmax of its
 route logits (training still samples). ``stable_sort=True`` also orders tokens of one class by
-raster position, which makes the result the same on every device. The release evaluates
-large images in overlapping tiles of about 200 px (``MambaIRv2Model.test``); that is an
-evaluation protocol, not part of this network.
+raster position, which makes the token order the same on every device. The release's test
+code (``MambaIRv2Model.test``) feeds an image in tiles of at most 200 px a side plus a 10 %
+overlap; that is an evaluation protocol, not part of this network.
 """
 
 from __future__ import annotations
