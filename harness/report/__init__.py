@@ -250,7 +250,7 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
         (out / "table_seeds.md").write_text(to_markdown(seeds))
     lines = [f"# Report: {experiment}", "", f"{len(df)} runs ({int((df['status'] == 'ok').sum())} ok, "
              f"{int((df['status'] != 'ok').sum())} failed). Protocol: {protocol}.", "",
-             f"Environment: {env}", "", shared_line(shared), "", to_markdown(table), ""]
+             f"Environment: {env}", ""] + ([shared_line(shared), ""] if shared else []) + [to_markdown(table)]
     lines += [units_line(df), ""]
     lines += _input_lines(df)
     if "psnr_delta" in df:
