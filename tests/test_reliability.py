@@ -127,7 +127,10 @@ def test_joblib_launcher_parallel_jobs(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     recs = Store(tmp_path / "store").records("single")
     assert len(recs) == 4 and all(r["status"] == "ok" for r in recs)
-    assert "dncnn_tiny" in (tmp_path / "rep" / "table.md").read_text()
+    # Runs are labelled by what the sweep varied (the seed); the model they share is named once.
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert sorted(line.split(" | ")[0] for line in table.splitlines()[2:]) == [f"| seed={i}" for i in range(4)]
+    assert "Every run: model dncnn_tiny" in (tmp_path / "rep" / "report.md").read_text()
 
 
 @pytest.mark.slow

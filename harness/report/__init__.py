@@ -242,8 +242,10 @@ def write_report(store_dir: str | Path, experiment: str, out_dir: str | Path, re
     protocol = _protocol_line(records)
     caption = f"{experiment}: {protocol}; {env.get('device', '?')} ({env.get('cpu', '')}), torch {env.get('torch', '?')}"
     table, shared = results_table(df, list(df["label"]))
+    if len(df) > 1 and df["model"].nunique(dropna=False) == 1:  # the label leaves out a model every run shares
+        shared = {"model": df["model"].iloc[0], **shared}
     (out / "table.md").write_text(to_markdown(table))
-    (out / "table.tex").write_text(to_latex(table, caption))
+    (out / "table.tex").write_text(to_latex(table, f"{caption}. {shared_line(shared)}".rstrip(". ")))
     figures = _figures(df, out / "figures", caption) + _erf_figure(records, out / "figures", caption)
     seeds = seed_summary(df, records)
     if seeds is not None:
