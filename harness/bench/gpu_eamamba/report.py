@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import platform
 from pathlib import Path
-
-import torch
 
 from harness.bench.gpu_eamamba.paths import PATHS, TRAIN_PATHS
 from harness.ops import scan_triton_launch as launch
+from harness.profile.environment import environment
+from harness.report.markdown import markdown_table as shared_markdown_table
 
 
 def fmt(v) -> str:
@@ -27,10 +26,8 @@ def fmt(v) -> str:
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
+    """``harness.report.markdown.markdown_table`` of ``rows`` (missing cells empty), 3 significant decimals."""
+    return shared_markdown_table([{c: r.get(c, "") for c in cols} for r in rows], cols, digits=3)
 
 
 def write_csv(path: Path, rows: list[dict]):
@@ -121,17 +118,5 @@ def plots(out: Path, inf_rows, train_rows):
 
 
 def env_info(device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "missing"
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, sms=p.multi_processor_count, memory_GiB=round(p.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    info["interpret"] = launch.INTERPRET
-    return info
-
+    """``harness.profile.environment`` of ``device`` and whether Triton runs in its interpreter."""
+    return {**environment(device), "interpret": launch.INTERPRET}
