@@ -10,6 +10,7 @@ dispatcher can fall back to another backend.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -50,9 +51,14 @@ _module: ModuleType | None = None
 
 
 def _build_directory() -> Path:
-    """Cache folder for the build, keyed on the Python and torch versions it links against."""
+    """Cache folder for the build, keyed on the Python and torch versions and the source's path.
+
+    The path is part of the key because ninja's build file names the source by path: two
+    checkouts sharing one folder would each rebuild it under the other's lock in turn.
+    """
     root = os.environ.get("EABENCH_CACHE") or os.path.join("~", ".cache", "eabench")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    checkout = hashlib.sha256(str(_SOURCE).encode()).hexdigest()[:10]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{checkout}"
     path = Path(root).expanduser() / "torch_extensions" / _NAME / tag.replace("+", "_")
     path.mkdir(parents=True, exist_ok=True)
     return path
