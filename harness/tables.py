@@ -305,7 +305,7 @@ def run_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
             record = run_job(cell_config(cfg, cell), experiment=experiment, model_name=cell.model,
                              swept={"cell": cell.id}, run_name=cell.id)
         else:
-            record = stored_record(cell_config(cfg, cell), experiment)
+            record = stored_record(cell_config(cfg, cell), experiment, cell.id)
             if record is None:
                 rows.append(cell_row(cell, None, ["a stored record (table.evaluate=false renders only)"], tol))
                 continue
@@ -324,14 +324,24 @@ def run_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
             "time_s": time.perf_counter() - t0}
 
 
-def stored_record(cell_cfg: Mapping[str, Any], experiment: str) -> dict[str, Any] | None:
+def stored_record(cell_cfg: Mapping[str, Any], experiment: str, run_name: str) -> dict[str, Any] | None:
     """The complete record ``run_job`` would return for this configuration without running, or None."""
     from harness.runner import SEMANTIC_KEYS
     from harness.store import Store, config_hash
 
+    store = Store(cell_cfg["store_dir"])
     run_hash = config_hash({"experiment": experiment, **{k: cell_cfg.get(k) for k in SEMANTIC_KEYS}})
-    record = Store(cell_cfg["store_dir"]).get(run_hash)
-    return record if record is not None and record.get("status") == "ok" else None
+    record = store.get(run_hash)
+    if record is not None and record.get("status") == "ok":
+        return record
+    # Settings that do not change a number (e.g. hardware threads) may have changed since the run:
+    # fall back to the newest complete record of the same cell with the same model, task, data,
+    # protocol and weights.
+    same = ("model", "task", "data", "eval", "checkpoint")
+    want = {k: cell_cfg.get(k) for k in same}
+    found = [r for r in store.records(experiment) if r.get("status") == "ok" and r.get("run_name") == run_name
+             and all((r.get("config") or {}).get(k) == v for k, v in want.items())]
+    return max(found, key=lambda r: r.get("finished_at") or 0) if found else None
 
 
 def _fmt(value: Any, digits: int = 2, signed: bool = False) -> str:
