@@ -34,10 +34,6 @@ class DnCNN(nn.Module):
 
     def __init__(self, in_nc: int = 1, out_nc: int = 1, nc: int = 64, nb: int = 17, act_mode: str = "R"):
         super().__init__()
-        if act_mode not in ACT_MODES:
-            raise ValueError(f"act_mode must be one of {list(ACT_MODES)}, got {act_mode!r}")
-        if nb < 2:
-            raise ValueError(f"nb (number of conv layers) must be >= 2, got {nb}")
         if in_nc != out_nc:
             raise ValueError(f"the residual output needs in_nc == out_nc, got {in_nc} and {out_nc}")
         self.model = plain_body(in_nc, out_nc, nc, nb, act_mode)
@@ -48,6 +44,10 @@ class DnCNN(nn.Module):
 
 def plain_body(in_nc: int, out_nc: int, nc: int, nb: int, act_mode: str) -> nn.Sequential:
     """conv+ReLU, (nb-2) x (conv[+BN]+ReLU), conv: DnCNN's body, convolutions at even indices."""
+    if act_mode not in ACT_MODES:
+        raise ValueError(f"act_mode must be one of {list(ACT_MODES)}, got {act_mode!r}")
+    if nb < 2:
+        raise ValueError(f"nb (number of conv layers) must be >= 2, got {nb}")
     layers: list[nn.Module] = [nn.Conv2d(in_nc, nc, 3, padding=1, bias=True), nn.ReLU(inplace=True)]
     for _ in range(nb - 2):
         layers.append(nn.Conv2d(nc, nc, 3, padding=1, bias=True))
@@ -72,10 +72,6 @@ class FDnCNN(nn.Module):
     def __init__(self, in_nc: int = 1, out_nc: int = 1, nc: int = 64, nb: int = 20, act_mode: str = "R",
                  noise_level: float | None = None):
         super().__init__()
-        if act_mode not in ACT_MODES:
-            raise ValueError(f"act_mode must be one of {list(ACT_MODES)}, got {act_mode!r}")
-        if nb < 2:
-            raise ValueError(f"nb (number of conv layers) must be >= 2, got {nb}")
         self.in_nc = in_nc
         self.noise_level = noise_level
         self.model = plain_body(in_nc + 1, out_nc, nc, nb, act_mode)

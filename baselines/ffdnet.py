@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dncnn import ACT_MODES, plain_body
+from .dncnn import plain_body
 from .noise_map import Sigma, noise_level_map
 
 
@@ -34,10 +34,6 @@ class FFDNet(nn.Module):
     def __init__(self, in_nc: int = 1, out_nc: int = 1, nc: int = 64, nb: int = 15, act_mode: str = "R",
                  noise_level: float | None = None):
         super().__init__()
-        if act_mode not in ACT_MODES:
-            raise ValueError(f"act_mode must be one of {list(ACT_MODES)}, got {act_mode!r}")
-        if nb < 2:
-            raise ValueError(f"nb (number of conv layers) must be >= 2, got {nb}")
         self.in_nc = in_nc
         self.noise_level = noise_level
         self.model = plain_body(4 * in_nc + 1, 4 * out_nc, nc, nb, act_mode)

@@ -199,6 +199,28 @@ def make_upsampler(upsampler: str, upscale: int, embed_dim: int, num_feat: int, 
     raise ValueError(f"unknown upsampler {upsampler!r}; valid: {list(UPSAMPLERS)}")
 
 
+def reconstruct_image(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The SwinIR family's image path (SwinIR, MambaIR, MambaIRv2): normalise, shallow convolution,
+    deep features, then the upsampler or (denoising / JPEG) a global residual, de-normalise.
+
+    ``net`` has ``mean``, ``img_range``, ``upsampler``, ``conv_first``, ``forward_features``,
+    ``conv_after_body`` and the upsampler's or the residual's convolutions. (B, C, H, W) -> (B, C, sH, sW).
+    """
+    mean = net.mean.to(x)
+    x = (x - mean) * net.img_range
+    if net.upsampler == "pixelshuffle":
+        x = net.conv_first(x)
+        x = net.conv_after_body(net.forward_features(x)) + x
+        x = net.conv_last(net.upsample(net.conv_before_upsample(x)))
+    elif net.upsampler == "pixelshuffledirect":
+        x = net.conv_first(x)
+        x = net.upsample(net.conv_after_body(net.forward_features(x)) + x)
+    else:  # denoising / JPEG: global residual on the image
+        first = net.conv_first(x)
+        x = x + net.conv_last(net.conv_after_body(net.forward_features(first)) + first)
+    return x / net.img_range + mean
+
+
 class MambaIR(nn.Module):
     """SwinIR-style MambaIR: shallow conv, residual state-space groups, reconstruction.
 
@@ -256,19 +278,7 @@ class MambaIR(nn.Module):
         return self.norm(x).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = self.mean.to(x)
-        x = (x - mean) * self.img_range
-        if self.upsampler == "pixelshuffle":
-            x = self.conv_first(x)
-            x = self.conv_after_body(self.forward_features(x)) + x
-            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        elif self.upsampler == "pixelshuffledirect":
-            x = self.conv_first(x)
-            x = self.upsample(self.conv_after_body(self.forward_features(x)) + x)
-        else:  # denoising / JPEG: global residual on the image
-            first = self.conv_first(x)
-            x = x + self.conv_last(self.conv_after_body(self.forward_features(first)) + first)
-        return x / self.img_range + mean
+        return reconstruct_image(self, x)
 
 
 class MambaIRUNet(RestormerUNet):

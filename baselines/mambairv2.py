@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler
+from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler, reconstruct_image
 from baselines.swinir import relative_position_index, shifted_window_mask, window_partition, window_reverse
 from harness.models.eamamba import init_ssm_parameters
 from harness.models.layers import init_transformer_weights, trunc_normal_
@@ -441,19 +441,7 @@ class MambaIRv2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.window_size)
-        mean = self.mean.to(x)
-        x = (x - mean) * self.img_range
-        if self.upsampler == "pixelshuffle":
-            x = self.conv_first(x)
-            x = self.conv_after_body(self.forward_features(x)) + x
-            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        elif self.upsampler == "pixelshuffledirect":
-            x = self.conv_first(x)
-            x = self.upsample(self.conv_after_body(self.forward_features(x)) + x)
-        else:  # denoising / JPEG: global residual on the image
-            first = self.conv_first(x)
-            x = x + self.conv_last(self.conv_after_body(self.forward_features(first)) + first)
-        x = x / self.img_range + mean
+        x = reconstruct_image(self, x)
         return x[..., :h * self.upscale, :w * self.upscale]
 
 

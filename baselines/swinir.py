@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler
+from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler, reconstruct_image
 from harness.models.layers import init_transformer_weights, trunc_normal_
 
 
@@ -246,19 +246,7 @@ class SwinIR(nn.Module):
         ph, pw = (-h) % self.window_size, (-w) % self.window_size
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-        mean = self.mean.to(x)
-        x = (x - mean) * self.img_range
-        if self.upsampler == "pixelshuffle":
-            x = self.conv_first(x)
-            x = self.conv_after_body(self.forward_features(x)) + x
-            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        elif self.upsampler == "pixelshuffledirect":
-            x = self.conv_first(x)
-            x = self.upsample(self.conv_after_body(self.forward_features(x)) + x)
-        else:  # denoising / JPEG: global residual on the image
-            first = self.conv_first(x)
-            x = x + self.conv_last(self.conv_after_body(self.forward_features(first)) + first)
-        x = x / self.img_range + mean
+        x = reconstruct_image(self, x)
         return x[:, :, : h * self.upscale, : w * self.upscale]
 
 

@@ -46,6 +46,7 @@ from harness.tables import (
     cells_from_config,
     per_image_rows,
     resolve_weights,
+    tolerances,
     write_table_report,
 )
 
@@ -119,9 +120,9 @@ def run_cell(cfg: Mapping[str, Any], cell: Cell, *, experiment: str) -> dict[str
                 "limit": (cfg.get("table") or {}).get("limit"), "device": device.type}
     run_hash = config_hash(identity)
     store = Store(cfg["store_dir"])
-    existing = store.get(run_hash)
-    if existing is not None and existing.get("status") == "ok" and not cfg.get("force", False):
-        return {**existing, "skipped": True}
+    existing = store.finished(run_hash, force=bool(cfg.get("force", False)))
+    if existing is not None:
+        return existing
     meta = preset_meta(cell.model)
     record: dict[str, Any] = {
         "config_hash": run_hash, "experiment": experiment, "run_name": cell.id, "model": cell.model,
@@ -167,8 +168,7 @@ def run_release_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[st
     if not table:
         raise ValueError("job=release_table needs a 'table:' section in the experiment config")
     cells = cells_from_config(table)
-    tol_cfg = dict(table.get("tolerance") or {})
-    tol = (float(tol_cfg.get("psnr", 0.05)), float(tol_cfg.get("ssim", 0.002)))
+    tol = tolerances(table)
     out_dir = Path(cfg.get("report_dir") or f"reports/{experiment}")
     rows, per_image = [], {}
     t0 = time.perf_counter()

@@ -55,6 +55,17 @@ def _profile_input(shape: Any, meta: Mapping[str, Any], channels: int) -> list[i
     return [int(s) for s in shape]
 
 
+def evaluation_settings(cfg: Mapping[str, Any], meta: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """``evaluate``'s keyword arguments for a composed config and a preset's meta block."""
+    task, ev = cfg["task"], cfg["eval"]
+    return dict(metrics=tuple(ev.get("metrics", ("psnr", "ssim"))), protocol=ev.get("protocol", "basicsr"),
+                crop_border=int(ev.get("crop_border", task.get("crop_border", 0)) or 0),
+                y_channel=bool(ev.get("y_channel", task.get("y_channel", False))),
+                lpips_net=ev.get("lpips_net", "alex"), pad_multiple=int(meta.get("pad_multiple", 1)),
+                scale=int(task.get("scale", 1)), tile=ev.get("tile"), tile_overlap=int(ev.get("tile_overlap", 32)),
+                ensemble=ev.get("ensemble"), channels_last=bool(meta.get("channels_last", False)), device=device)
+
+
 def profile_model(model: torch.nn.Module, cfg: Mapping[str, Any], meta: Mapping[str, Any],
                   device: torch.device) -> dict[str, Any]:
     """Parameters always; FLOPs (paper convention), latency and peak memory as ``cfg.profile`` asks.
@@ -128,9 +139,8 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
     # gives two records, so each experiment's report is complete on its own.
     run_hash = config_hash({"experiment": experiment, **semantic})
     store = Store(cfg["store_dir"])
-    existing = store.get(run_hash)
-    if existing is not None and existing.get("status") == "ok" and not cfg.get("force", False):
-        existing["skipped"] = True
+    existing = store.finished(run_hash, force=bool(cfg.get("force", False)))
+    if existing is not None:
         return existing
 
     settings = TrainSettings.from_config(cfg["train"])
@@ -160,14 +170,8 @@ def run_job(cfg: Mapping[str, Any], *, experiment: str = "default", model_name: 
         timings["profile_s"] = time.perf_counter() - t
 
         task, data, ev = cfg["task"], cfg["data"], cfg["eval"]
-        multiple = int(meta.get("pad_multiple", 1))
         scale = int(task.get("scale", 1))
-        eval_kwargs = dict(metrics=tuple(ev.get("metrics", ("psnr", "ssim"))), protocol=ev.get("protocol", "basicsr"),
-                           crop_border=int(ev.get("crop_border", task.get("crop_border", 0)) or 0),
-                           y_channel=bool(ev.get("y_channel", task.get("y_channel", False))),
-                           lpips_net=ev.get("lpips_net", "alex"), pad_multiple=multiple, scale=scale,
-                           tile=ev.get("tile"), tile_overlap=int(ev.get("tile_overlap", 32)),
-                           ensemble=ev.get("ensemble"), device=device)
+        eval_kwargs = evaluation_settings(cfg, meta, device)
         if settings.iters > 0:
             online = task.get("train_degradation") if task.get("online_degradation", True) and scale == 1 else None
             base = _dataset(data["train"], task, cfg["seed"])

@@ -88,6 +88,13 @@ class Store:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def finished(self, run_hash: str, force: bool = False) -> dict | None:
+        """The complete record of ``run_hash`` marked ``skipped``, or None when it must (re-)run."""
+        record = self.get(run_hash)
+        if record is None or record.get("status") != COMPLETE or force:
+            return None
+        return {**record, "skipped": True}
+
     def is_complete(self, run_hash: str) -> bool:
         record = self.get(run_hash)
         return record is not None and record.get("status") == COMPLETE

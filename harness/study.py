@@ -27,9 +27,10 @@ import torch
 
 from harness.data import PatchDataset, build_dataset
 from harness.evaluate import evaluate, summarise
+from harness.hardware import configure_threads
 from harness.models import build
 from harness.models.registry import model_in_channels, preset_config
-from harness.runner import SEMANTIC_KEYS, environment, profile_model, resolve_device
+from harness.runner import SEMANTIC_KEYS, environment, evaluation_settings, profile_model, resolve_device
 from harness.store import Store, atomic_write_text, config_hash
 from harness.train import TrainSettings, train
 from harness.validate import ConfigError
@@ -117,14 +118,6 @@ def study_identity(cfg: Mapping[str, Any], experiment: str) -> tuple[str, dict[s
     return config_hash({"experiment": experiment, **semantic}), semantic
 
 
-def _eval_kwargs(cfg: Mapping[str, Any], meta: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    task, ev = cfg["task"], cfg["eval"]
-    return dict(metrics=tuple(ev.get("metrics", ("psnr", "ssim"))), protocol=ev.get("protocol", "basicsr"),
-                crop_border=int(ev.get("crop_border", task.get("crop_border", 0)) or 0),
-                y_channel=bool(ev.get("y_channel", task.get("y_channel", False))),
-                pad_multiple=int(meta.get("pad_multiple", 1)), scale=int(task.get("scale", 1)), device=device)
-
-
 def _erf(model: torch.nn.Module, erf_cfg: Mapping[str, Any], test_spec: Mapping[str, Any], device: torch.device,
          out: Path) -> dict[str, Any]:
     """ERF of the trained model on the clean images of the first test set (centre crops)."""
@@ -154,21 +147,19 @@ def run_study_job(cfg: Mapping[str, Any], *, experiment: str, swept: Mapping[str
     model_cfg, data = semantic["model"], semantic["data"]
     meta = dict(model_cfg.get("meta") or {})
     store = Store(cfg["store_dir"])
-    existing = store.get(run_hash)
-    if existing is not None and existing.get("status") == "ok" and not cfg.get("force", False):
-        existing["skipped"] = True
+    existing = store.finished(run_hash, force=bool(cfg.get("force", False)))
+    if existing is not None:
         return existing
     settings = TrainSettings.from_config(cfg["train"])
     device = resolve_device(str(cfg["hardware"].get("device", "cpu")))
-    if cfg["hardware"].get("threads"):
-        torch.set_num_threads(int(cfg["hardware"]["threads"]))
+    threads = configure_threads(cfg["hardware"].get("threads"))
     run_dir = Path(cfg.get("runs_dir", "runs")) / run_hash
     record: dict[str, Any] = {
         "config_hash": run_hash, "experiment": experiment, "variant": variant,
         "run_name": run_name or f"{variant},seed={cfg['seed']}", "model": meta.get("preset"),
         "family": meta.get("family"), "task": cfg["task"].get("name"), "seed": cfg["seed"],
         "swept": dict(swept or {"variant": variant}), "config": semantic, "status": "running",
-        "started_at": time.time(), "run_dir": str(run_dir), "environment": environment(device),
+        "started_at": time.time(), "run_dir": str(run_dir), "environment": {**environment(device), "cpu_threads": threads},
         "study_variants": list((cfg.get("study") or {}).get("variants") or []),
     }
     timings: dict[str, float] = {}
@@ -179,7 +170,7 @@ def run_study_job(cfg: Mapping[str, Any], *, experiment: str, swept: Mapping[str
         t = time.perf_counter()
         record["profile"] = profile_model(model, cfg, meta, device)
         timings["profile_s"] = time.perf_counter() - t
-        kwargs = _eval_kwargs(cfg, meta, device)
+        kwargs = evaluation_settings(cfg, meta, device)
         task = cfg["task"]
         if settings.iters > 0:
             base = build_dataset(data["train"])

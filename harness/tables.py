@@ -228,7 +228,8 @@ def cell_config(base: Mapping[str, Any], cell: Cell) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _tolerances(table: Mapping[str, Any]) -> tuple[float, float]:
+def tolerances(table: Mapping[str, Any]) -> tuple[float, float]:
+    """(|ΔPSNR|, |ΔSSIM|) above which a cell is flagged: the table's ``tolerance`` or 0.05 dB / 0.002."""
     tol = dict(table.get("tolerance") or {})
     return float(tol.get("psnr", 0.05)), float(tol.get("ssim", 0.002))
 
@@ -290,7 +291,7 @@ def run_table_job(cfg: Mapping[str, Any], *, experiment: str) -> dict[str, Any]:
     if not table:
         raise TableConfigError("job=table needs a 'table:' section in the experiment config")
     cells = cells_from_config(table)
-    tol = _tolerances(table)
+    tol = tolerances(table)
     out_dir = Path(cfg.get("report_dir") or f"reports/{experiment}")
     evaluate = bool(table.get("evaluate", True))
     rows, per_image = [], {}
@@ -404,7 +405,7 @@ def table_markdown(cells: Sequence[Cell], rows: Sequence[Mapping[str, Any]],
                    command: str | None = None) -> str:
     """Markdown: one grid per section (ours / published (Δ)), flagged cells with their causes,
     cells not run with what is missing, per-image tables where asked."""
-    tol = _tolerances(table)
+    tol = tolerances(table)
     by_id = {c.id: (c, r) for c, r in zip(cells, rows)}
     lines = [f"# {table.get('title', 'Published table, regenerated')}", ""]
     if command:

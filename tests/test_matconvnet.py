@@ -23,6 +23,7 @@ unclipped), PSNR as the authors' ``Cal_PSNRSSIM`` on ``im2uint8`` images (no bor
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import shutil
@@ -293,3 +294,22 @@ def test_noise_level_models_train_at_odd_sizes(preset):
     assert out.shape == x.shape
     out.square().mean().backward()
     assert x.grad is not None and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["dncnn_s_sigma25", "ffdnet_gray"])
+def test_channels_last_evaluation_equals_contiguous(name, mat_dir, eabench_data):
+    """meta.channels_last (NHWC convolutions in evaluate) changes speed, not the scores."""
+    from harness.evaluate import evaluate
+
+    model = _loaded(name, mat_dir)
+    assert model.eabench_meta["channels_last"] is True
+    if getattr(model, "takes_noise_level", False):
+        model.noise_level = 25
+    images = []
+    for i, (rel, size) in enumerate(GREY_IMAGES):
+        gt = _crop(read_image(eabench_data / rel), size)[0]
+        noise = 25 / 255 * torch.from_numpy(np.random.default_rng(i).standard_normal(gt.shape).astype(np.float32))
+        images.append({"lq": gt + noise, "gt": gt, "name": rel})
+    runs = [evaluate(copy.deepcopy(model), images, channels_last=cl, score_input=False)["results"] for cl in (False, True)]
+    for metric in ("psnr", "ssim"):
+        assert runs[1][metric].values == pytest.approx(runs[0][metric].values, abs=1e-6), metric
