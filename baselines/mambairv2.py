@@ -42,7 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler, reconstruct_image
-from baselines.swinir import relative_position_index, shifted_window_mask, window_partition, window_reverse
+from baselines.swinir import (
+    relative_position_index,
+    shifted_window_mask,
+    window_attention,
+    window_partition,
+    window_reverse,
+)
 from harness.models.eamamba import init_ssm_parameters
 from harness.models.layers import init_transformer_weights, trunc_normal_
 from harness.ops import selective_scan
@@ -117,10 +123,7 @@ class GatedMLP(nn.Module):
 # --- window attention ------------------------------------------------------------------------
 
 class WindowAttention(nn.Module):
-    """Multi-head attention in ws×ws windows on precomputed q/k/v (the block owns ``wqkv``).
-
-    Explicit matmuls (no ``scaled_dot_product_attention``), so FLOP counters see them.
-    """
+    """Multi-head attention in ws×ws windows on precomputed q/k/v (the block owns ``wqkv``)."""
 
     def __init__(self, dim: int, window_size: int, num_heads: int):
         super().__init__()
@@ -133,19 +136,7 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        bw, n, c3 = qkv.shape  # (B·nW, ws², 3C)
-        c = c3 // 3
-        qkv = qkv.reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B·nW, heads, ws², C/heads)
-        attn = q @ k.transpose(-2, -1)  # (B·nW, heads, ws², ws²)
-        bias = self.relative_position_bias_table[rpi.view(-1)].view(n, n, -1)
-        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, n, n)
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(bw, n, c)
-        return self.proj(x)
+        return window_attention(self, qkv, rpi, mask)  # (B·nW, ws², 3C) -> (B·nW, ws², C)
 
 
 # --- attentive state space -------------------------------------------------------------------

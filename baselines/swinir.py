@@ -57,6 +57,30 @@ def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
+def window_attention(attn: nn.Module, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """Multi-head attention inside windows with a learnt relative-position bias (SwinIR, MambaIRv2).
+
+    ``attn`` holds ``num_heads``, ``scale``, ``relative_position_bias_table`` and ``proj``; ``qkv`` is
+    (B·nW, ws², 3C), ``rpi`` the (ws², ws²) relative-position index, ``mask`` the shifted windows'
+    (nW, ws², ws²) or None. Explicit matmuls (no ``scaled_dot_product_attention``), so FLOP
+    counters see them. Returns (B·nW, ws², C).
+    """
+    bw, n, c3 = qkv.shape
+    c = c3 // 3
+    qkv = qkv.reshape(bw, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]  # (B·nW, heads, ws², C/heads)
+    scores = q @ k.transpose(-2, -1)  # (B·nW, heads, ws², ws²)
+    bias = attn.relative_position_bias_table[rpi.view(-1)].view(n, n, -1)
+    scores = scores + bias.permute(2, 0, 1).unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        scores = scores.view(bw // nw, nw, attn.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, attn.num_heads, n, n)
+    x = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(bw, n, c)
+    return attn.proj(x)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside ws x ws windows, with a learnt relative-position bias."""
 
@@ -73,18 +97,7 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        bw, n, c = x.shape  # (B·nW, ws², C)
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B·nW, heads, ws², C/heads)
-        attn = q @ k.transpose(-2, -1)  # (B·nW, heads, ws², ws²)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, n, n)
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(bw, n, c)
-        return self.proj(x)
+        return window_attention(self, self.qkv(x), self.relative_position_index, mask)  # (B·nW, ws², C)
 
 
 class Mlp(nn.Module):
