@@ -199,6 +199,15 @@ def make_upsampler(upsampler: str, upscale: int, embed_dim: int, num_feat: int, 
     raise ValueError(f"unknown upsampler {upsampler!r}; valid: {list(UPSAMPLERS)}")
 
 
+def check_body(depths: Sequence[int], resi_connection: str) -> None:
+    """The released MambaIR-family bodies: positive block counts, one conv after each group."""
+    if resi_connection != "1conv":
+        raise ValueError(f"only resi_connection='1conv' is implemented (the released configs), got "
+                         f"{resi_connection!r}")
+    if not depths or any(int(n) < 1 for n in depths):
+        raise ValueError(f"depths must be positive block counts, got {list(depths)}")
+
+
 def reconstruct_image(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The SwinIR family's image path (SwinIR, MambaIR, MambaIRv2): normalise, shallow convolution,
     deep features, then the upsampler or (denoising / JPEG) a global residual, de-normalise.
@@ -246,11 +255,7 @@ class MambaIR(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
-        if resi_connection != "1conv":
-            raise ValueError(f"only resi_connection='1conv' is implemented (the released configs), got "
-                             f"{resi_connection!r}")
-        if not depths or any(int(n) < 1 for n in depths):
-            raise ValueError(f"depths must be positive block counts, got {list(depths)}")
+        check_body(depths, resi_connection)
         num_feat = 64
         self.img_size, self.img_range, self.upscale, self.upsampler = img_size, img_range, upscale, upsampler
         # A plain attribute, not a buffer: the release keeps it out of the state dict.

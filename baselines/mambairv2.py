@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.mambair import RGB_MEAN, UPSAMPLERS, make_upsampler, reconstruct_image
+from baselines.mambair import RGB_MEAN, UPSAMPLERS, check_body, make_upsampler, reconstruct_image
 from baselines.swinir import (
     relative_position_index,
     shifted_window_mask,
@@ -372,11 +372,7 @@ class MambaIRv2(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
-        if resi_connection != "1conv":
-            raise ValueError(f"only resi_connection='1conv' is implemented (the released configs), got "
-                             f"{resi_connection!r}")
-        if not depths or any(int(n) < 1 for n in depths):
-            raise ValueError(f"depths must be positive block counts, got {list(depths)}")
+        check_body(depths, resi_connection)
         if len(num_heads) != len(depths):
             raise ValueError(f"num_heads ({list(num_heads)}) needs one entry per group (depths {list(depths)})")
         if window_size < 2 or window_size % 2:
